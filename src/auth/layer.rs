@@ -1,0 +1,155 @@
+//! The auth tower layer on the gRPC routes: reads the credential headers, consults the policy
+//! table, and either refuses the call (a trailers-only gRPC response, no handler runs) or hands
+//! the principal to the handler as a request extension.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use axum::body::Body;
+use chrono::Utc;
+use futures::future::{Either, Ready, ready};
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use crate::{
+    audit::{Actor, AuditEvent, AuditSink},
+    auth::{
+        Principal, ServiceName, ServiceTokenStore,
+        accounts::Accounts,
+        policy::{self, Credential},
+    },
+    error::{AppError, Reason},
+    transport::context::RequestContext,
+};
+
+pub const SERVICE_TOKEN_HEADER: &str = "x-service-token";
+
+/// Everything the layer needs, shared by the REST legacy route too.
+#[derive(Clone)]
+pub struct Authenticator {
+    pub tokens: Arc<ServiceTokenStore>,
+    pub accounts: Accounts,
+    pub audit: AuditSink,
+}
+
+impl Authenticator {
+    /// Verifies an `x-service-token` value. Refusals are audited (in the background).
+    pub fn service(
+        &self,
+        raw: Option<&str>,
+        action: &str,
+        ctx: &RequestContext,
+    ) -> Result<ServiceName, AppError> {
+        let result = match raw {
+            None => Err(AppError::refused(
+                Reason::ServiceTokenRequired,
+                "x-service-token is required",
+            )),
+            Some(raw) => self.tokens.verify(raw, Utc::now()).map(|v| v.service),
+        };
+        if let Err(e) = &result {
+            self.audit_refusal(action, e.reason(), ctx);
+        }
+        result
+    }
+
+    pub fn audit_refusal(&self, action: &str, reason: Reason, ctx: &RequestContext) {
+        let actor = Actor::from_request(None, ctx);
+        self.audit
+            .record(AuditEvent::new(&actor, action, reason.as_str()));
+    }
+
+    /// Verifies `authorization: Bearer <JWT>`. No I/O.
+    fn bearer(&self, value: &str) -> Result<Principal, AppError> {
+        let token = value
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or_else(|| {
+                AppError::refused(Reason::TokenInvalid, "authorization must be Bearer <token>")
+            })?;
+        self.accounts.authenticate(token).map(Principal::User)
+    }
+
+    /// Decides a gRPC call from its path and headers.
+    fn decide<B>(&self, req: &Request<B>) -> Result<Option<Principal>, AppError> {
+        let path = req.uri().path();
+        let access = policy::access_for(path);
+        let headers = req.headers();
+        let credential = if let Some(value) = headers.get(SERVICE_TOKEN_HEADER) {
+            let ctx = RequestContext::of(req);
+            let raw = value.to_str().unwrap_or_default();
+            if access == policy::Access::Public {
+                Credential::None
+            } else {
+                Credential::Service(self.service(Some(raw), path, &ctx).map(Principal::Service))
+            }
+        } else if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+            Credential::Bearer(self.bearer(value.to_str().unwrap_or_default()))
+        } else {
+            Credential::None
+        };
+        let decision = policy::authorize(access, credential);
+        if let Err(e) = &decision {
+            // A bot method called with no token at all is a refused service-token attempt too.
+            if e.reason() == Reason::ServiceTokenRequired {
+                self.audit_refusal(path, e.reason(), &RequestContext::of(req));
+            }
+        }
+        decision
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    auth: Authenticator,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Authenticator) -> Self {
+        Self { auth }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: Authenticator,
+}
+
+impl<S, B> Service<Request<B>> for AuthService<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Either<S::Future, Ready<Result<Response<Body>, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        match self.auth.decide(&req) {
+            Ok(principal) => {
+                if let Some(principal) = principal {
+                    req.extensions_mut().insert(principal);
+                }
+                Either::Left(self.inner.call(req))
+            }
+            Err(refusal) => Either::Right(ready(Ok(refusal.into_status().into_http()))),
+        }
+    }
+}

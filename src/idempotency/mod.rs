@@ -1,0 +1,355 @@
+//! `idempotency-key`: a retried call returns the first call's answer instead of acting twice.
+//!
+//! Keys are scoped to (principal, method, key) and claimed with one insert-on-conflict, never
+//! select-then-insert. The row holds a fingerprint of the request (SHA-256 of its encoded
+//! message) and, once the first call finished, its answer: the encoded response message (maps
+//! encode in key order, so a replay is byte-identical) or the business error. Transient
+//! failures delete the claim so a retry runs again; a claim older than `LOCK_TIMEOUT` that never
+//! finished is taken over. Rows are purged after `RETENTION`.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use prost::Message;
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, Set, sea_query::OnConflict,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+use crate::{
+    db::{self, entities::idempotency_key as row},
+    error::{AppError, FieldViolation, Reason},
+};
+
+pub const HEADER: &str = "idempotency-key";
+pub const REPLAY_HEADER: &str = "x-idempotency-replay";
+/// A claim not finished after this long is abandoned and may be taken over.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
+const PURGE_EVERY: Duration = Duration::from_secs(15 * 60);
+
+/// 16–255 printable ASCII characters, no spaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(s: &str) -> Result<Self, AppError> {
+        let valid = (16..=255).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic());
+        if valid {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(AppError::refused(
+                Reason::IdempotencyKeyInvalid,
+                "idempotency-key must be 16 to 255 printable ASCII characters without spaces",
+            ))
+        }
+    }
+
+    /// Reads the key from request metadata; checked before any database work.
+    pub fn from_metadata(metadata: &MetadataMap, required: bool) -> Result<Option<Self>, AppError> {
+        match metadata.get(HEADER) {
+            None if required => Err(AppError::refused(
+                Reason::IdempotencyKeyRequired,
+                "this method requires an idempotency-key",
+            )),
+            None => Ok(None),
+            Some(value) => {
+                let text = value.to_str().map_err(|_| {
+                    AppError::refused(
+                        Reason::IdempotencyKeyInvalid,
+                        "idempotency-key must be ASCII",
+                    )
+                })?;
+                Self::parse(text).map(Some)
+            }
+        }
+    }
+}
+
+/// A finished call's answer, as stored.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+enum Stored {
+    Ok {
+        message: String,
+    },
+    Refused {
+        reason: String,
+        detail: String,
+        fields: Vec<(String, String)>,
+    },
+}
+
+impl Stored {
+    fn of_error(e: &AppError) -> Self {
+        let fields = match e {
+            AppError::Validation(v) => v
+                .iter()
+                .map(|v| (v.field.clone(), v.description.clone()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Self::Refused {
+            reason: e.reason().as_str().to_owned(),
+            detail: e.public_detail(),
+            fields,
+        }
+    }
+
+    fn into_result<T: Message + Default>(self) -> Result<T, AppError> {
+        let corrupt = || AppError::Internal(anyhow::anyhow!("stored idempotent answer is corrupt"));
+        match self {
+            Self::Ok { message } => {
+                let bytes = STANDARD.decode(message).map_err(|_| corrupt())?;
+                T::decode(bytes.as_slice()).map_err(|_| corrupt())
+            }
+            Self::Refused {
+                reason,
+                detail,
+                fields,
+            } => {
+                let reason = Reason::parse(&reason).ok_or_else(corrupt)?;
+                Err(
+                    if reason == Reason::ValidationFailed && !fields.is_empty() {
+                        AppError::Validation(
+                            fields
+                                .into_iter()
+                                .map(|(f, d)| FieldViolation::new(f, d))
+                                .collect(),
+                        )
+                    } else {
+                        AppError::refused(reason, detail)
+                    },
+                )
+            }
+        }
+    }
+}
+
+enum Claim {
+    Fresh,
+    Finished(Stored),
+}
+
+pub struct Idempotency {
+    db: DatabaseConnection,
+}
+
+impl Idempotency {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// Runs `work` once per (principal, method, key); without a key, simply runs it.
+    pub async fn run<Req, Resp, Fut>(
+        &self,
+        principal: &str,
+        method: &str,
+        key: Option<IdempotencyKey>,
+        request: &Req,
+        work: impl FnOnce() -> Fut,
+    ) -> Result<tonic::Response<Resp>, tonic::Status>
+    where
+        Req: Message,
+        Resp: Message + Default,
+        Fut: Future<Output = Result<Resp, AppError>>,
+    {
+        let Some(key) = key else {
+            return work().await.map(tonic::Response::new).map_err(Into::into);
+        };
+        let fingerprint = hex::encode(Sha256::digest(request.encode_to_vec()));
+        let scope = (principal, method, key.0.as_str());
+        match self.claim(scope, &fingerprint).await? {
+            Claim::Finished(stored) => {
+                let mut metadata = MetadataMap::new();
+                metadata.insert(REPLAY_HEADER, MetadataValue::from_static("true"));
+                match stored.into_result::<Resp>() {
+                    Ok(message) => {
+                        let mut response = tonic::Response::new(message);
+                        *response.metadata_mut() = metadata;
+                        Ok(response)
+                    }
+                    Err(e) => {
+                        let mut status = e.into_status();
+                        status
+                            .metadata_mut()
+                            .insert(REPLAY_HEADER, MetadataValue::from_static("true"));
+                        Err(status)
+                    }
+                }
+            }
+            Claim::Fresh => match work().await {
+                Ok(message) => {
+                    let stored = Stored::Ok {
+                        message: STANDARD.encode(message.encode_to_vec()),
+                    };
+                    self.finish(scope, &stored).await?;
+                    Ok(tonic::Response::new(message))
+                }
+                Err(e) if e.is_final() => {
+                    self.finish(scope, &Stored::of_error(&e)).await?;
+                    Err(e.into())
+                }
+                Err(e) => {
+                    // Transient: release the key so that a retry runs again.
+                    if let Err(release) = self.release(scope).await {
+                        tracing::warn!(error = %release, "releasing an idempotency key failed");
+                    }
+                    Err(e.into())
+                }
+            },
+        }
+    }
+
+    async fn claim(
+        &self,
+        (principal, method, key): (&str, &str, &str),
+        fingerprint: &str,
+    ) -> Result<Claim, AppError> {
+        let now = db::now();
+        let inserted = row::Entity::insert(row::ActiveModel {
+            principal: Set(principal.to_owned()),
+            method: Set(method.to_owned()),
+            key: Set(key.to_owned()),
+            fingerprint: Set(fingerprint.to_owned()),
+            response: Set(None),
+            locked_at: Set(now),
+            created_at: Set(now),
+        })
+        .on_conflict(
+            OnConflict::columns([
+                row::Column::Principal,
+                row::Column::Method,
+                row::Column::Key,
+            ])
+            .do_nothing()
+            .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await?;
+        if inserted == 1 {
+            return Ok(Claim::Fresh);
+        }
+        let existing =
+            row::Entity::find_by_id((principal.to_owned(), method.to_owned(), key.to_owned()))
+                .one(&self.db)
+                .await?
+                // Released between our insert and this read: the caller may simply retry.
+                .ok_or_else(in_progress)?;
+        if existing.fingerprint != fingerprint {
+            return Err(AppError::refused(
+                Reason::IdempotencyKeyReused,
+                "this idempotency-key was used with a different request",
+            ));
+        }
+        if let Some(response) = existing.response {
+            let stored = serde_json::from_str(&response)
+                .map_err(|e| AppError::Internal(anyhow::anyhow!("stored answer: {e}")))?;
+            return Ok(Claim::Finished(stored));
+        }
+        if existing.locked_at + LOCK_TIMEOUT > now {
+            return Err(in_progress());
+        }
+        // Abandoned: whoever moves the lock first takes it over.
+        let taken = row::Entity::update_many()
+            .col_expr(row::Column::LockedAt, now.into())
+            .filter(row::Column::Principal.eq(principal))
+            .filter(row::Column::Method.eq(method))
+            .filter(row::Column::Key.eq(key))
+            .filter(row::Column::Response.is_null())
+            .filter(row::Column::LockedAt.eq(existing.locked_at))
+            .exec(&self.db)
+            .await?;
+        if taken.rows_affected == 1 {
+            Ok(Claim::Fresh)
+        } else {
+            Err(in_progress())
+        }
+    }
+
+    async fn finish(
+        &self,
+        (principal, method, key): (&str, &str, &str),
+        stored: &Stored,
+    ) -> Result<(), AppError> {
+        let json = serde_json::to_string(stored).map_err(|e| AppError::Internal(e.into()))?;
+        row::Entity::update_many()
+            .col_expr(row::Column::Response, json.into())
+            .filter(row::Column::Principal.eq(principal))
+            .filter(row::Column::Method.eq(method))
+            .filter(row::Column::Key.eq(key))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    async fn release(&self, (principal, method, key): (&str, &str, &str)) -> Result<(), DbErr> {
+        row::Entity::delete_many()
+            .filter(row::Column::Principal.eq(principal))
+            .filter(row::Column::Method.eq(method))
+            .filter(row::Column::Key.eq(key))
+            .filter(row::Column::Response.is_null())
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes keys created before `cutoff`; returns how many.
+    pub async fn purge(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, DbErr> {
+        Ok(row::Entity::delete_many()
+            .filter(row::Column::CreatedAt.lt(cutoff))
+            .exec(&self.db)
+            .await?
+            .rows_affected)
+    }
+
+    /// Purges keys older than `RETENTION`, every `PURGE_EVERY`, until shutdown.
+    pub async fn run_purge(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        crate::background::every(PURGE_EVERY, "idempotency key purge", shutdown, || async {
+            self.purge(db::now() - RETENTION).await.map(|_| ())
+        })
+        .await;
+    }
+}
+
+fn in_progress() -> AppError {
+    AppError::RetryLater {
+        reason: Reason::IdempotencyKeyInProgress,
+        retry_after: Duration::from_secs(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_16_to_255_printable_ascii_without_spaces() {
+        assert!(IdempotencyKey::parse(&"k".repeat(16)).is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
+        for bad in [
+            "k".repeat(15),
+            "k".repeat(256),
+            format!("{} x", "k".repeat(16)),
+            "ключ".repeat(5),
+        ] {
+            assert_eq!(
+                IdempotencyKey::parse(&bad).expect_err("refused").reason(),
+                Reason::IdempotencyKeyInvalid
+            );
+        }
+        let empty = MetadataMap::new();
+        assert_eq!(
+            IdempotencyKey::from_metadata(&empty, true)
+                .expect_err("required")
+                .reason(),
+            Reason::IdempotencyKeyRequired
+        );
+        assert_eq!(
+            IdempotencyKey::from_metadata(&empty, false).expect("optional"),
+            None
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Per-request context every transport shares: request id, client address, trace id, and the
+//! HTTP security headers. Set by one outer layer before anything else runs.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use ipnet::IpNet;
+use tonic::transport::server::TcpConnectInfo;
+use tower::{Layer, Service};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub request_id: String,
+    /// The TCP peer, or the right-most untrusted `X-Forwarded-For` hop behind trusted proxies.
+    pub client_ip: IpAddr,
+    /// From a W3C `traceparent` header, when the caller sent one.
+    pub trace_id: Option<String>,
+    /// When the request reached us: tells a replayed refresh token from a concurrent one.
+    pub received_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl RequestContext {
+    /// Reads the context a request was given by `ContextLayer`.
+    pub fn of<B>(req: &Request<B>) -> Self {
+        req.extensions()
+            .get::<RequestContext>()
+            .cloned()
+            .unwrap_or_else(Self::unknown)
+    }
+
+    pub fn unknown() -> Self {
+        Self {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            client_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            trace_id: None,
+            received_at: chrono::Utc::now(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ContextLayer {
+    trusted_proxies: Arc<[IpNet]>,
+    production: bool,
+}
+
+impl ContextLayer {
+    pub fn new(trusted_proxies: Vec<IpNet>, production: bool) -> Self {
+        Self {
+            trusted_proxies: trusted_proxies.into(),
+            production,
+        }
+    }
+}
+
+impl<S> Layer<S> for ContextLayer {
+    type Service = ContextService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ContextService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ContextService<S> {
+    inner: S,
+    layer: ContextLayer,
+}
+
+impl<S, B, RB> Service<Request<B>> for ContextService<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Response<RB>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let received_at = chrono::Utc::now();
+        let peer = req
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(|info| info.remote_addr)
+            .or_else(|| {
+                req.extensions()
+                    .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0)
+            })
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let headers = req.headers();
+        let ctx = RequestContext {
+            request_id: request_id(headers),
+            client_ip: client_ip(peer, headers, &self.layer.trusted_proxies),
+            trace_id: trace_id(headers),
+            received_at,
+        };
+        let request_id = HeaderValue::from_str(&ctx.request_id).ok();
+        req.extensions_mut().insert(ctx);
+        let production = self.layer.production;
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut res = fut.await?;
+            let headers = res.headers_mut();
+            if let Some(id) = request_id {
+                headers.insert(X_REQUEST_ID.clone(), id);
+            }
+            security_headers(headers, production);
+            Ok(res)
+        })
+    }
+}
+
+/// The caller's `x-request-id` when it is sane (1–128 visible ASCII), else a fresh UUID.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// `X-Forwarded-For` counts only from a trusted proxy; then the right-most hop that is not
+/// itself a trusted proxy is the client.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|hop| hop.trim().parse().ok())
+        .collect();
+    hops.into_iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .unwrap_or(peer)
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+fn trace_id(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    let valid = trace.len() == 32
+        && trace.bytes().all(|b| b.is_ascii_hexdigit())
+        && trace.bytes().any(|b| b != b'0');
+    valid.then(|| trace.to_ascii_lowercase())
+}
+
+/// The OWASP headers of security.md. The web app's CSP is set by its own route and kept.
+fn security_headers(headers: &mut HeaderMap, production: bool) {
+    const FIXED: &[(&str, &str)] = &[
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+        (
+            "permissions-policy",
+            "accelerometer=(), camera=(), geolocation=(), gyroscope=(), magnetometer=(), microphone=(), payment=(), usb=()",
+        ),
+        ("x-xss-protection", "0"),
+    ];
+    for (name, value) in FIXED {
+        headers.insert(*name, HeaderValue::from_static(value));
+    }
+    headers
+        .entry("content-security-policy")
+        .or_insert(HeaderValue::from_static("default-src 'none'"));
+    if production {
+        headers.insert(
+            "strict-transport-security",
+            HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xff(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", value.parse().expect("header"));
+        h
+    }
+
+    #[test]
+    fn forwarded_for_is_ignored_from_untrusted_peers() {
+        let peer: IpAddr = "203.0.113.9".parse().expect("ip");
+        assert_eq!(client_ip(peer, &xff("1.2.3.4"), &[]), peer);
+    }
+
+    #[test]
+    fn the_rightmost_untrusted_hop_is_the_client() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("cidr")];
+        let peer: IpAddr = "10.0.0.2".parse().expect("ip");
+        // The client forged the first hop; the proxy chain appended the real one.
+        let got = client_ip(peer, &xff("6.6.6.6, 198.51.100.7, 10.0.0.5"), &trusted);
+        assert_eq!(got, "198.51.100.7".parse::<IpAddr>().expect("ip"));
+        assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted), peer);
+    }
+
+    #[test]
+    fn traceparent_yields_the_trace_id() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .expect("header"),
+        );
+        assert_eq!(
+            trace_id(&h).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        h.insert(
+            "traceparent",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+                .parse()
+                .expect("header"),
+        );
+        assert_eq!(trace_id(&h), None);
+    }
+}

@@ -1,0 +1,5 @@
+//! Everything between the socket and the domain: request context, gRPC services, REST routes.
+
+pub mod context;
+pub mod grpc;
+pub mod rest;

@@ -1,0 +1,129 @@
+//! REST routes: the bots' legacy submit route and the operators' health probes. Payment
+//! provider webhooks join here in their own modules.
+
+pub mod health;
+pub mod legacy;
+
+use axum::{
+    Router,
+    extract::Request,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{any, get, post},
+};
+
+use crate::{
+    error::{AppError, Reason},
+    state::AppState,
+};
+
+/// The legacy route's body limit (security.md).
+pub const LEGACY_BODY_LIMIT: usize = 1024 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/{service}/application",
+            post(legacy::submit).layer(axum::extract::DefaultBodyLimit::max(LEGACY_BODY_LIMIT)),
+        )
+        // Any HTTP method: Payme's protocol answers a non-POST with -32300, in HTTP 200.
+        .route("/webhooks/payme", any(crate::payments::payme::webhook))
+        .route(
+            "/webhooks/click/prepare",
+            any(crate::payments::click::prepare),
+        )
+        .route(
+            "/webhooks/click/complete",
+            any(crate::payments::click::complete),
+        )
+        .route(
+            "/webhooks/uzum/{action}",
+            any(crate::payments::uzum::webhook),
+        )
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .layer(middleware::from_fn(refuse_script_queries))
+        .with_state(state)
+}
+
+/// Kept from the previous system: a query string carrying script is refused before routing.
+/// REST routes take no query parameters, so nothing legitimate is lost.
+async fn refuse_script_queries(req: Request, next: Next) -> Response {
+    if let Some(query) = req.uri().query() {
+        let decoded = percent_decode(query).to_ascii_lowercase();
+        if decoded.contains("<script") || decoded.contains("javascript:") {
+            // Providers get every refusal in their own format.
+            let path = req.uri().path();
+            if path == "/webhooks/payme" {
+                let rpc = crate::payments::payme::wire::RpcError::new(
+                    crate::payments::payme::wire::INVALID_REQUEST,
+                );
+                return axum::Json(rpc.into_body(&serde_json::Value::Null)).into_response();
+            }
+            if path.starts_with("/webhooks/click/") {
+                let fields = crate::payments::click::wire::Fields::new();
+                let answer = crate::payments::click::wire::answer(
+                    &fields,
+                    crate::payments::click::wire::BAD_REQUEST,
+                    None,
+                );
+                return axum::Json(answer).into_response();
+            }
+            if path.starts_with("/webhooks/uzum/") {
+                return crate::payments::uzum::failed(
+                    &serde_json::Value::Null,
+                    crate::payments::uzum::JSON_ERROR,
+                )
+                .into_response();
+            }
+            return AppError::refused(Reason::ValidationFailed, "query string refused")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Decodes `%XX` escapes and `+`, repeatedly, so double encoding does not hide anything.
+fn percent_decode(s: &str) -> String {
+    let mut current = s.replace('+', " ");
+    for _ in 0..3 {
+        let bytes = current.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if bytes[i] == b'%'
+                && i + 2 < bytes.len()
+                && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+            {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        let next = String::from_utf8_lossy(&out).into_owned();
+        if next == current {
+            break;
+        }
+        current = next;
+    }
+    current
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn nested_percent_encoding_is_decoded() {
+        assert_eq!(percent_decode("a=%3Cscript%3E"), "a=<script>");
+        assert_eq!(percent_decode("a=%253Cscript"), "a=<script");
+        assert_eq!(
+            percent_decode("x=javascript%3Aalert(1)"),
+            "x=javascript:alert(1)"
+        );
+        assert_eq!(percent_decode("q=%"), "q=%");
+    }
+}

@@ -1,0 +1,460 @@
+//! Starts the real server on port 0 against a fresh database: a SQLite file in a temporary
+//! folder, or a new PostgreSQL database on the server named by `TEST_DATABASE_URL`.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use crm_server::{
+    auth::{Role, accounts::NewUser},
+    config::Settings,
+    db::entities::audit_log,
+    proto::{
+        self, application_service_client::ApplicationServiceClient,
+        auth_service_client::AuthServiceClient,
+    },
+    startup::Application,
+    state::AppState,
+};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder,
+};
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+
+pub const PAYME_MERCHANT_ID: &str = "587f72c72cac0d162c722ae2";
+
+/// The JWT signing key of test servers, so tests can forge tokens.
+pub const TEST_SECRET_KEY: &str = "test-secret-key-that-is-long-enough-0123456789";
+
+/// The raw token of `bot2`, configured only through `SERVICE_TOKEN_BOT2_HASH`.
+pub const BOT2_ENV_TOKEN: &str = "bot2-env-token-0123456789abcdef0123456789abcdef";
+/// The origin allowed to call us from a browser in tests.
+pub const ALLOWED_ORIGIN: &str = "https://crm.example.uz";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub fn sha256_hex(raw: &str) -> String {
+    hex::encode(Sha256::digest(raw.as_bytes()))
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub backend: Backend,
+    pub state: AppState,
+    /// A database token of `bot1`, created through the same store the CLI uses.
+    pub bot1_token: String,
+    pub http: reqwest::Client,
+    vars: HashMap<String, String>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    _sqlite_dir: Option<tempfile::TempDir>,
+    _pg: Option<PgDatabase>,
+}
+
+/// Starts a server with the standard test configuration.
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, &[]).await
+}
+
+/// Starts a server with extra environment variables on top of the standard ones. Returns
+/// `None` for PostgreSQL when `TEST_DATABASE_URL` is not set.
+pub async fn spawn_app_with(backend: Backend, extra: &[(&str, &str)]) -> Option<TestApp> {
+    let mut vars: HashMap<String, String> = [
+        ("ENVIRONMENT", "test"),
+        ("LISTEN_ADDR", "127.0.0.1:0"),
+        (
+            "SECRET_KEY",
+            "test-secret-key-that-is-long-enough-0123456789",
+        ),
+        ("CORS_ALLOWED_ORIGINS", ALLOWED_ORIGIN),
+        ("DATABASE_POOL_SIZE", "8"),
+        ("PAYME_MERCHANT_ID", PAYME_MERCHANT_ID),
+        ("PAYME_SECRET_KEY", "payme-test-key"),
+        ("CLICK_SERVICE_ID", "3001"),
+        ("CLICK_MERCHANT_ID", "4002"),
+        ("CLICK_SECRET_KEY", "click-test-secret"),
+        ("UZUM_SERVICE_ID", "5003"),
+        ("UZUM_LOGIN", "uzum"),
+        ("UZUM_PASSWORD", "uzum-test-password"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    vars.insert("SERVICE_TOKEN_BOT2_HASH".into(), sha256_hex(BOT2_ENV_TOKEN));
+
+    let (sqlite_dir, pg) = match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            vars.insert(
+                "DATABASE_URL".into(),
+                format!("sqlite://{}/crm.db?mode=rwc", dir.path().display()),
+            );
+            vars.insert("CRM_DATA_DIR".into(), dir.path().display().to_string());
+            (Some(dir), None)
+        }
+        Backend::Postgres => {
+            let pg = PgDatabase::create().await?;
+            vars.insert("DATABASE_URL".into(), pg.url.clone());
+            (None, Some(pg))
+        }
+    };
+    for (k, v) in extra {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+
+    let (addr, state, stop, server) = start(&vars).await;
+    let bot1 = crm_server::auth::ServiceName::parse("bot1").expect("name");
+    let (raw, _) = state
+        .tokens
+        .create(
+            &bot1,
+            "test bot",
+            None,
+            &crm_server::audit::Actor::operator(),
+        )
+        .await
+        .expect("token created");
+
+    Some(TestApp {
+        addr,
+        backend,
+        state,
+        bot1_token: raw.expose().to_owned(),
+        http: reqwest::Client::new(),
+        vars,
+        stop: Some(stop),
+        server: Some(server),
+        _sqlite_dir: sqlite_dir,
+        _pg: pg,
+    })
+}
+
+type Started = (
+    SocketAddr,
+    AppState,
+    oneshot::Sender<()>,
+    JoinHandle<anyhow::Result<()>>,
+);
+
+async fn start(vars: &HashMap<String, String>) -> Started {
+    let settings = Settings::from_vars(vars).expect("test settings are valid");
+    let app = Application::build(settings).await.expect("server builds");
+    let addr = app.local_addr();
+    let state = app.state().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    (addr, state, stop, server)
+}
+
+impl TestApp {
+    /// A second server process on the same database, as another replica would be.
+    pub async fn replica(&self) -> TestApp {
+        let (addr, state, stop, server) = start(&self.vars).await;
+        TestApp {
+            addr,
+            backend: self.backend,
+            state,
+            bot1_token: self.bot1_token.clone(),
+            http: reqwest::Client::new(),
+            vars: self.vars.clone(),
+            stop: Some(stop),
+            server: Some(server),
+            _sqlite_dir: None,
+            _pg: None,
+        }
+    }
+
+    pub async fn auth(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(self.channel().await)
+    }
+
+    /// Creates a user as an operator would (`crm-server user create`).
+    pub async fn create_user(&self, role: Role, phone: &str, password: &str) -> String {
+        let new = NewUser {
+            phone: Some(phone.to_owned()),
+            email: None,
+            password: SecretString::from(password.to_owned()),
+            full_name: format!("{} {phone}", role.as_str()),
+            role,
+        };
+        self.state
+            .accounts
+            .create_user(new, &crm_server::audit::Actor::operator())
+            .await
+            .expect("user created")
+            .id
+    }
+
+    /// Signs in over gRPC.
+    pub async fn login(&self, login: &str, password: &str) -> proto::AuthResponse {
+        self.auth()
+            .await
+            .login(proto::LoginRequest {
+                login: login.to_owned(),
+                password: password.to_owned(),
+            })
+            .await
+            .expect("signed in")
+            .into_inner()
+    }
+
+    /// A staff member's access token.
+    pub async fn staff_token(&self) -> String {
+        let phone = format!("+99899{:07}", rand_digits());
+        self.create_user(Role::Staff, &phone, STAFF_PASSWORD).await;
+        self.login(&phone, STAFF_PASSWORD).await.access_token
+    }
+
+    /// An admin's access token.
+    pub async fn admin_token(&self) -> String {
+        let phone = format!("+99898{:07}", rand_digits());
+        self.create_user(Role::Admin, &phone, STAFF_PASSWORD).await;
+        self.login(&phone, STAFF_PASSWORD).await.access_token
+    }
+
+    /// An unpaid invoice of a fresh applicant: (invoice id, the applicant's access token).
+    pub async fn unpaid_invoice(&self, phone: &str, amount_tiyin: i64) -> (String, String) {
+        let staff = self.staff_token().await;
+        let payer = self
+            .create_user(Role::Applicant, phone, "applicant-pw-1")
+            .await;
+        let token = self.login(phone, "applicant-pw-1").await.access_token;
+        let invoice =
+            proto::payment_service_client::PaymentServiceClient::new(self.channel().await)
+                .create_invoice(with_bearer(
+                    proto::CreateInvoiceRequest {
+                        payer_user_id: payer,
+                        application_id: None,
+                        amount_tiyin,
+                        description: "fee".into(),
+                    },
+                    &staff,
+                ))
+                .await
+                .expect("invoice")
+                .into_inner();
+        (invoice.id, token)
+    }
+
+    /// An invoice's status as its payer sees it through the API.
+    pub async fn invoice_status(&self, id: &str, token: &str) -> proto::InvoiceStatus {
+        proto::payment_service_client::PaymentServiceClient::new(self.channel().await)
+            .get_invoice(with_bearer(
+                proto::GetInvoiceRequest { id: id.into() },
+                token,
+            ))
+            .await
+            .expect("invoice")
+            .into_inner()
+            .status()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.state.db
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url(""))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn applications(&self) -> ApplicationServiceClient<Channel> {
+        ApplicationServiceClient::new(self.channel().await)
+    }
+
+    /// Stops the server as SIGTERM would, and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(15), server)
+                .await
+                .expect("server stops within the grace period")
+                .expect("server task")
+                .expect("server exits cleanly");
+        }
+    }
+
+    /// Audit rows for an action, oldest first, waiting up to 5 s for `min` of them (refusals
+    /// are written in the background).
+    pub async fn audit_rows(&self, action: &str, min: usize) -> Vec<audit_log::Model> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let rows = audit_log::Entity::find()
+                .filter(audit_log::Column::Action.eq(action))
+                .order_by_asc(audit_log::Column::Id)
+                .all(self.db())
+                .await
+                .expect("audit query");
+            if rows.len() >= min || tokio::time::Instant::now() > deadline {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub const STAFF_PASSWORD: &str = "staff-password-123";
+
+fn rand_digits() -> u32 {
+    uuid::Uuid::new_v4().as_u128() as u32 % 10_000_000
+}
+
+/// Wraps a message with a bearer access token.
+pub fn with_bearer<T>(message: T, access_token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {access_token}")).expect("ascii token"),
+    );
+    request
+}
+
+/// Wraps a message with a service token.
+pub fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "x-service-token",
+        MetadataValue::try_from(token).expect("ascii token"),
+    );
+    request
+}
+
+/// The `ErrorInfo.reason` of a gRPC error.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "crm.v1");
+    info.reason
+}
+
+/// A throw-away PostgreSQL database, dropped (with its connections) when the test ends.
+pub struct PgDatabase {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    async fn create() -> Option<Self> {
+        let admin_url = std::env::var("TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())?;
+        let name = format!("crm_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(&admin_url)
+            .await
+            .expect("TEST_DATABASE_URL is reachable");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create test database");
+        let _ = admin.close().await;
+        let url = replace_db_name(&admin_url, &name);
+        Some(Self {
+            admin_url,
+            name,
+            url,
+        })
+    }
+
+    pub fn admin_url(&self) -> &str {
+        &self.admin_url
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                if let Ok(admin) = Database::connect(&admin_url).await {
+                    let _ = admin.execute_unprepared(&sql).await;
+                    let _ = admin.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn replace_db_name(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+impl TestApp {
+    pub fn pg(&self) -> Option<&PgDatabase> {
+        self._pg.as_ref()
+    }
+}
+
+/// Runs each test body once on SQLite and once on PostgreSQL (when `TEST_DATABASE_URL` is set;
+/// otherwise the PostgreSQL variant says so and passes).
+#[macro_export]
+macro_rules! both_databases {
+    ($(async fn $name:ident($app:ident: TestApp) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                async fn case($app: $crate::helpers::TestApp) $body
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let app = $crate::helpers::spawn_app($crate::helpers::Backend::Sqlite)
+                        .await
+                        .expect("sqlite app");
+                    case(app).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    match $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await {
+                        Some(app) => case(app).await,
+                        None => eprintln!("TEST_DATABASE_URL is not set: PostgreSQL run skipped"),
+                    }
+                }
+            }
+        )*
+    };
+}

@@ -1,0 +1,297 @@
+//! Bots submit applications through gRPC and through their legacy REST route.
+
+use std::collections::BTreeMap;
+
+use crm_server::{db::entities::application, proto};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use serde_json::{Value, json};
+use tonic::Code;
+
+use crate::{
+    both_databases,
+    helpers::{BOT2_ENV_TOKEN, TestApp, reason, with_token},
+};
+
+/// One change that breaks one rule.
+type Mutation = Box<dyn Fn(&mut proto::SubmitApplicationRequest)>;
+
+fn valid_request() -> proto::SubmitApplicationRequest {
+    proto::SubmitApplicationRequest {
+        full_name: "Aziz Karimov".into(),
+        phone: "+998901234567".into(),
+        email: Some("aziz@example.uz".into()),
+        telegram_user_id: Some(123_456_789),
+        telegram_username: Some("@aziz_k".into()),
+        program_code: Some("CS-BSC".into()),
+        language: "uz".into(),
+        answers: BTreeMap::from([("school".to_owned(), "Lyceum 1".to_owned())]),
+    }
+}
+
+fn valid_json() -> Value {
+    json!({
+        "full_name": "Dilnoza Rahimova",
+        "phone": "+998935554433",
+        "language": "ru",
+        "program_code": "MBA",
+        "answers": {"experience": "3 years"}
+    })
+}
+
+/// Submits over gRPC and returns the field names of the violations.
+async fn violations(app: &TestApp, request: proto::SubmitApplicationRequest) -> Vec<String> {
+    use tonic_types::StatusExt;
+    let status = app
+        .applications()
+        .await
+        .submit_application(with_token(request, &app.bot1_token))
+        .await
+        .expect_err("must be refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(reason(&status), "VALIDATION_FAILED");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+both_databases! {
+    async fn a_bot_with_a_database_token_submits_over_grpc(app: TestApp) {
+        let created = app
+            .applications()
+            .await
+            .submit_application(with_token(valid_request(), &app.bot1_token))
+            .await
+            .expect("submitted")
+            .into_inner();
+        assert_eq!(created.source, "bot1");
+        assert_eq!(created.status(), proto::ApplicationStatus::New);
+        assert_eq!(created.telegram_username.as_deref(), Some("aziz_k"), "the @ is dropped");
+        assert_eq!(created.answers.get("school").map(String::as_str), Some("Lyceum 1"));
+        assert!(created.created_at.is_some());
+
+        let stored = application::Entity::find_by_id(created.id.as_str())
+            .one(app.db())
+            .await
+            .expect("query")
+            .expect("row stored");
+        assert_eq!(stored.source, "bot1");
+        assert_eq!(stored.phone, "+998901234567");
+
+        let audit = app.audit_rows("/crm.v1.ApplicationService/SubmitApplication", 1).await;
+        assert_eq!(audit.len(), 1);
+        assert_eq!(audit[0].actor_kind, "service");
+        assert_eq!(audit[0].actor_id, "bot1");
+        assert_eq!(audit[0].target_id.as_deref(), Some(created.id.as_str()));
+        assert_eq!(audit[0].outcome, "OK");
+        assert!(audit[0].request_id.is_some());
+    }
+
+    async fn a_bot_with_an_environment_token_submits_and_the_source_is_never_taken_from_the_request(app: TestApp) {
+        let created = app
+            .applications()
+            .await
+            .submit_application(with_token(valid_request(), BOT2_ENV_TOKEN))
+            .await
+            .expect("submitted")
+            .into_inner();
+        assert_eq!(created.source, "bot2");
+
+        // The legacy body cannot choose the source either.
+        let mut body = valid_json();
+        body["source"] = json!("bot1");
+        let res = app
+            .http
+            .post(app.url("/api/v1/bot2/application"))
+            .header("X-SERVICE-TOKEN", BOT2_ENV_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status(), 201);
+        let json: Value = res.json().await.expect("json");
+        assert_eq!(json["source"], "bot2");
+    }
+
+    async fn the_legacy_route_answers_201_with_the_application_as_json(app: TestApp) {
+        let res = app
+            .http
+            .post(app.url("/api/v1/bot1/application"))
+            .header("X-SERVICE-TOKEN", &app.bot1_token)
+            .json(&valid_json())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status(), 201);
+        assert_eq!(res.headers()["content-type"], "application/json");
+        let json: Value = res.json().await.expect("json");
+        assert_eq!(json["status"], "NEW");
+        assert_eq!(json["source"], "bot1");
+        assert_eq!(json["language"], "ru");
+        assert_eq!(json["program_code"], "MBA");
+        assert_eq!(json["email"], Value::Null);
+        assert_eq!(json["answers"]["experience"], "3 years");
+        let created = json["created_at"].as_str().expect("created_at");
+        assert!(chrono::DateTime::parse_from_rfc3339(created).is_ok(), "{created}");
+        uuid::Uuid::parse_str(json["id"].as_str().expect("id")).expect("uuid id");
+    }
+
+    async fn the_legacy_route_reports_bad_input_as_a_field_error_and_stores_nothing(app: TestApp) {
+        for body in ["not json", r#"{"full_name": "A", "phone": "x", "language": "de"}"#, r#"{"telegram_user_id": "abc"}"#] {
+            let res = app
+                .http
+                .post(app.url("/api/v1/bot1/application"))
+                .header("X-SERVICE-TOKEN", &app.bot1_token)
+                .body(body)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(res.status(), 400, "{body}");
+            let json: Value = res.json().await.expect("json");
+            assert_eq!(json["error"]["code"], "VALIDATION_FAILED");
+            assert!(json["error"]["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        }
+        let count = application::Entity::find().count(app.db()).await.expect("count");
+        assert_eq!(count, 0);
+    }
+
+    async fn every_validation_rule_is_refused_with_a_violation_on_its_field(app: TestApp) {
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("full_name", Box::new(|r| r.full_name = "A".into())),
+            ("full_name", Box::new(|r| r.full_name = "x".repeat(201))),
+            ("full_name", Box::new(|r| r.full_name = "   ".into())),
+            ("phone", Box::new(|r| r.phone = "998901234567".into())),
+            ("phone", Box::new(|r| r.phone = "+99890".into())),
+            ("phone", Box::new(|r| r.phone = "+9989012345678901".into())),
+            ("email", Box::new(|r| r.email = Some("not-an-email".into()))),
+            ("telegram_user_id", Box::new(|r| r.telegram_user_id = Some(-5))),
+            ("telegram_username", Box::new(|r| r.telegram_username = Some("ab".into()))),
+            ("telegram_username", Box::new(|r| r.telegram_username = Some("bad name!".into()))),
+            ("program_code", Box::new(|r| r.program_code = Some("NOPE".into()))),
+            ("language", Box::new(|r| r.language = "de".into())),
+            ("language", Box::new(|r| r.language = String::new())),
+            ("answers", Box::new(|r| {
+                r.answers = (0..51).map(|i| (format!("q{i}"), "a".to_owned())).collect();
+            })),
+            ("answers", Box::new(|r| {
+                r.answers = BTreeMap::from([("k".repeat(65), "a".to_owned())]);
+            })),
+            ("answers", Box::new(|r| {
+                r.answers = BTreeMap::from([("q".to_owned(), "a".repeat(2001))]);
+            })),
+        ];
+        for (field, mutate) in cases {
+            let mut request = valid_request();
+            mutate(&mut request);
+            assert_eq!(violations(&app, request).await, [field]);
+        }
+
+        // The limits themselves are accepted.
+        let mut edge = valid_request();
+        edge.full_name = "Ю".repeat(200);
+        edge.answers = (0..50).map(|i| (format!("{i:0>64}"), "я".repeat(2000))).collect();
+        edge.email = None;
+        edge.telegram_username = None;
+        app.applications()
+            .await
+            .submit_application(with_token(edge, &app.bot1_token))
+            .await
+            .expect("limits are inclusive");
+
+        // Several failures are reported together, one violation per field.
+        let mut many = valid_request();
+        many.phone = "nope".into();
+        many.language = "xx".into();
+        many.full_name = String::new();
+        let mut fields = violations(&app, many).await;
+        fields.sort();
+        assert_eq!(fields, ["full_name", "language", "phone"]);
+    }
+
+    async fn an_inactive_program_cannot_be_applied_to(app: TestApp) {
+        use sea_orm::{ActiveModelTrait, Set};
+        let program = crm_server::db::entities::program::Entity::find_by_id("DS-MSC")
+            .one(app.db())
+            .await
+            .expect("query")
+            .expect("seeded program");
+        let mut active: crm_server::db::entities::program::ActiveModel = program.into();
+        active.active = Set(false);
+        active.update(app.db()).await.expect("deactivate");
+        app.state.applications.catalog().reload().await.expect("reload");
+
+        let mut request = valid_request();
+        request.program_code = Some("DS-MSC".into());
+        assert_eq!(violations(&app, request).await, ["program_code"]);
+    }
+
+    async fn two_hundred_concurrent_submits_from_two_services_store_exactly_two_hundred_rows(app: TestApp) {
+        let channel = app.channel().await;
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let channel = channel.clone();
+            let token = if i % 2 == 0 { app.bot1_token.clone() } else { BOT2_ENV_TOKEN.to_owned() };
+            tasks.push(tokio::spawn(async move {
+                let mut client = proto::application_service_client::ApplicationServiceClient::new(channel);
+                let mut request = valid_request();
+                request.phone = format!("+99890{i:07}");
+                client
+                    .submit_application(with_token(request, &token))
+                    .await
+                    .map(|r| r.into_inner())
+            }));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for task in tasks {
+            let created = task.await.expect("task").expect("every submit succeeds");
+            assert!(ids.insert(created.id));
+        }
+        assert_eq!(ids.len(), 200);
+        for service in ["bot1", "bot2"] {
+            let count = application::Entity::find()
+                .filter(application::Column::Source.eq(service))
+                .count(app.db())
+                .await
+                .expect("count");
+            assert_eq!(count, 100, "{service}");
+        }
+        assert_eq!(application::Entity::find().count(app.db()).await.expect("count"), 200);
+        let audit = app.audit_rows("/crm.v1.ApplicationService/SubmitApplication", 200).await;
+        assert_eq!(audit.len(), 200);
+    }
+
+    async fn a_service_reads_its_own_applications_and_not_another_services(app: TestApp) {
+        let mut client = app.applications().await;
+        let created = client
+            .submit_application(with_token(valid_request(), &app.bot1_token))
+            .await
+            .expect("submitted")
+            .into_inner();
+
+        let got = client
+            .get_application(with_token(
+                proto::GetApplicationRequest { id: created.id.clone() },
+                &app.bot1_token,
+            ))
+            .await
+            .expect("own application")
+            .into_inner();
+        assert_eq!(got, created);
+
+        for (id, token) in [
+            (created.id.clone(), BOT2_ENV_TOKEN),
+            (uuid::Uuid::new_v4().to_string(), app.bot1_token.as_str()),
+            ("not-a-uuid".to_owned(), app.bot1_token.as_str()),
+        ] {
+            let status = client
+                .get_application(with_token(proto::GetApplicationRequest { id }, token))
+                .await
+                .expect_err("hidden");
+            assert_eq!(status.code(), Code::NotFound);
+            assert_eq!(reason(&status), "NOT_FOUND");
+        }
+    }
+}
