@@ -264,7 +264,7 @@ impl AppError {
             Self::Validation(v) => format!("invalid request: {}", summarize(v)),
             Self::RetryLater { retry_after, .. } => format!(
                 "try again in {} s",
-                retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)
+                crate::ratelimit::ceil_secs(*retry_after)
             ),
             Self::Unavailable(_) => "the service is temporarily unavailable".to_owned(),
             Self::Internal(_) => "internal error".to_owned(),
@@ -298,7 +298,15 @@ impl AppError {
             }
             _ => {}
         }
-        tonic::Status::with_error_details(reason.grpc_code(), self.public_detail(), details)
+        let mut status =
+            tonic::Status::with_error_details(reason.grpc_code(), self.public_detail(), details);
+        if let Self::RetryLater { retry_after, .. } = &self {
+            status.metadata_mut().insert(
+                "retry-after",
+                crate::ratelimit::ceil_secs(*retry_after).into(),
+            );
+        }
+        status
     }
 }
 
@@ -370,7 +378,7 @@ impl IntoResponse for AppError {
         };
         let mut response = (reason.http_status(), Json(body)).into_response();
         if let Self::RetryLater { retry_after, .. } = &self {
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            let secs = crate::ratelimit::ceil_secs(*retry_after);
             response
                 .headers_mut()
                 .insert(http::header::RETRY_AFTER, secs.into());

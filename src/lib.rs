@@ -15,6 +15,7 @@ pub mod idempotency;
 pub mod notify;
 pub mod paging;
 pub mod payments;
+pub mod ratelimit;
 pub mod reloaded;
 pub mod startup;
 pub mod state;

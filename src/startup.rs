@@ -20,12 +20,8 @@ use crate::{
     applications::{Applications, Catalog},
     audit::AuditSink,
     auth::{
-        ServiceTokenStore,
-        accounts::Accounts,
-        jwt::JwtKeys,
-        layer::{AuthLayer, Authenticator},
-        password::Passwords,
-        sessions::RevokedSessions,
+        ServiceTokenStore, accounts::Accounts, jwt::JwtKeys, layer::Authenticator,
+        password::Passwords, sessions::RevokedSessions,
     },
     config::{CorsOrigins, Settings},
     db,
@@ -36,11 +32,14 @@ use crate::{
         application_service_server::ApplicationServiceServer,
         auth_service_server::AuthServiceServer, payment_service_server::PaymentServiceServer,
     },
+    ratelimit::RateLimiter,
     state::AppState,
     transport::{
         context::ContextLayer,
-        grpc::{application::ApplicationApi, auth::AuthApi, payment::PaymentApi},
-        rest,
+        grpc::{
+            application::ApplicationApi, auth::AuthApi, guard::GuardLayer, payment::PaymentApi,
+        },
+        limits, rest,
     },
 };
 
@@ -52,6 +51,8 @@ const HEALTH_SERVICES: &[&str] = &[
     "crm.v1.AuthService",
     "crm.v1.PaymentService",
 ];
+/// Concurrent calls on one connection (security.md: at least 256).
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Request headers a browser may send to the gRPC-web routes (security.md).
@@ -145,9 +146,11 @@ impl Application {
             audit,
         };
         let applications = Applications::new(db.clone(), catalog.clone(), events);
+        let limiter = RateLimiter::from_settings(&settings).await?;
         let state = AppState::new(
             settings.clone(),
             db.clone(),
+            limiter.clone(),
             auth,
             applications.clone(),
             payments.clone(),
@@ -159,12 +162,13 @@ impl Application {
             &state,
             health_service,
             ApplicationApi::new(applications, idempotency.clone(), stop_rx.clone()),
-            AuthApi::new(accounts, tokens.clone()),
+            AuthApi::new(accounts, tokens.clone(), state.limiter.clone()),
             PaymentApi::new(payments, idempotency.clone(), stop_rx.clone()),
         )?;
 
         let mut background = vec![
             tokio::spawn(tokens.run_background(stop_rx.clone())),
+            tokio::spawn(limiter.run_background(stop_rx.clone())),
             tokio::spawn(catalog.run_background(stop_rx.clone())),
             tokio::spawn(revoked.run_background(stop_rx.clone())),
             tokio::spawn(idempotency.run_purge(stop_rx.clone())),
@@ -233,8 +237,12 @@ impl Application {
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
             // A bot or a load test multiplexing many calls on one connection is queued, not refused.
-            .max_concurrent_streams(Some(1024))
-            .http2_max_header_list_size(Some(8 * 1024))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            // Never reached by HTTP/2 clients (the stream limit queues them first); sheds
+            // rather than queues anything beyond it.
+            .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+            .load_shed(true)
+            .http2_max_header_list_size(Some(limits::MAX_HEADER_BYTES as u32))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .serve_with_incoming_shutdown(self.router, incoming, shutdown_signal);
         tokio::pin!(server);
@@ -303,12 +311,12 @@ fn build_router(
         routes = routes.add_service(reflection);
     }
 
-    // Innermost first: auth sees native gRPC (gRPC-web is already translated), and CORS
+    // Innermost first: the guard (auth, then quotas) sees native gRPC (gRPC-web is already translated), and CORS
     // answers preflights before anything else. Only the gRPC routes get these layers:
     // tonic-web would answer plain HTTP/1.1 REST calls with 400.
     let mut grpc = routes
         .into_axum_router()
-        .layer(AuthLayer::new(state.auth.clone()))
+        .layer(GuardLayer::new(state.auth.clone(), state.limiter.clone()))
         .layer(tonic_web::GrpcWebLayer::new());
     if let Some(cors) = cors_layer(&settings.cors_allowed_origins) {
         grpc = grpc.layer(cors);
@@ -317,6 +325,10 @@ fn build_router(
     Ok(grpc
         .merge(rest::router(state.clone()))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            settings.request_timeout,
+            limits::enforce,
+        ))
         .layer(ContextLayer::new(
             settings.trusted_proxies.clone(),
             settings.is_production(),

@@ -13,12 +13,14 @@ use crate::{
     config::Settings,
     idempotency::Idempotency,
     payments::Payments,
+    ratelimit::RateLimiter,
 };
 
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub db: DatabaseConnection,
+    pub limiter: RateLimiter,
     pub tokens: Arc<ServiceTokenStore>,
     pub auth: Authenticator,
     pub accounts: Accounts,
@@ -32,6 +34,7 @@ impl AppState {
     pub fn new(
         settings: Arc<Settings>,
         db: DatabaseConnection,
+        limiter: RateLimiter,
         auth: Authenticator,
         applications: Applications,
         payments: Payments,
@@ -40,6 +43,7 @@ impl AppState {
         Self {
             settings,
             db,
+            limiter,
             tokens: auth.tokens.clone(),
             accounts: auth.accounts.clone(),
             auth,

@@ -1,17 +1,11 @@
-//! The auth tower layer on the gRPC routes: reads the credential headers, consults the policy
-//! table, and either refuses the call (a trailers-only gRPC response, no handler runs) or hands
-//! the principal to the handler as a request extension.
+//! Authentication of a call from its headers: service tokens, bearer JWTs and the policy table.
+//! The gRPC guard layer (`transport::grpc::guard`) and the REST legacy route use it; neither
+//! touches the database to decide.
 
-use std::{
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
-use axum::body::Body;
 use chrono::Utc;
-use futures::future::{Either, Ready, ready};
-use http::{Request, Response};
-use tower::{Layer, Service};
+use http::Request;
 
 use crate::{
     audit::{Actor, AuditEvent, AuditSink},
@@ -74,7 +68,7 @@ impl Authenticator {
     }
 
     /// Decides a gRPC call from its path and headers.
-    fn decide<B>(&self, req: &Request<B>) -> Result<Option<Principal>, AppError> {
+    pub fn decide<B>(&self, req: &Request<B>) -> Result<Option<Principal>, AppError> {
         let path = req.uri().path();
         let access = policy::access_for(path);
         let headers = req.headers();
@@ -99,57 +93,5 @@ impl Authenticator {
             }
         }
         decision
-    }
-}
-
-#[derive(Clone)]
-pub struct AuthLayer {
-    auth: Authenticator,
-}
-
-impl AuthLayer {
-    pub fn new(auth: Authenticator) -> Self {
-        Self { auth }
-    }
-}
-
-impl<S> Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            auth: self.auth.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    auth: Authenticator,
-}
-
-impl<S, B> Service<Request<B>> for AuthService<S>
-where
-    S: Service<Request<B>, Response = Response<Body>>,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = Either<S::Future, Ready<Result<Response<Body>, S::Error>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        match self.auth.decide(&req) {
-            Ok(principal) => {
-                if let Some(principal) = principal {
-                    req.extensions_mut().insert(principal);
-                }
-                Either::Left(self.inner.call(req))
-            }
-            Err(refusal) => Either::Right(ready(Ok(refusal.into_status().into_http()))),
-        }
     }
 }

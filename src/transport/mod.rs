@@ -2,4 +2,5 @@
 
 pub mod context;
 pub mod grpc;
+pub mod limits;
 pub mod rest;

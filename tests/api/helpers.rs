@@ -431,7 +431,11 @@ impl TestApp {
 /// otherwise the PostgreSQL variant says so and passes).
 #[macro_export]
 macro_rules! both_databases {
-    ($(async fn $name:ident($app:ident: TestApp) $body:block)*) => {
+    ($(
+        async fn $name:ident($app:ident: TestApp)
+        $(with { $($key:literal: $value:literal),* $(,)? })?
+        $body:block
+    )*) => {
         $(
             mod $name {
                 #[allow(unused_imports)]
@@ -439,9 +443,12 @@ macro_rules! both_databases {
 
                 async fn case($app: $crate::helpers::TestApp) $body
 
+                /// Settings on top of the standard test ones.
+                const EXTRA: &[(&str, &str)] = &[$($(($key, $value)),*)?];
+
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn sqlite() {
-                    let app = $crate::helpers::spawn_app($crate::helpers::Backend::Sqlite)
+                    let app = $crate::helpers::spawn_app_with($crate::helpers::Backend::Sqlite, EXTRA)
                         .await
                         .expect("sqlite app");
                     case(app).await;
@@ -449,7 +456,7 @@ macro_rules! both_databases {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
-                    match $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await {
+                    match $crate::helpers::spawn_app_with($crate::helpers::Backend::Postgres, EXTRA).await {
                         Some(app) => case(app).await,
                         None => eprintln!("TEST_DATABASE_URL is not set: PostgreSQL run skipped"),
                     }

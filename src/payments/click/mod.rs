@@ -73,10 +73,15 @@ async fn endpoint(
         Ok(answer) => answer,
         Err(e) => {
             tracing::error!(error = %e, "click webhook failed");
-            // -7: "failed to update"; Click retries.
-            wire::answer(&fields, -7, None)
+            wire::answer(&fields, wire::UPDATE_FAILED, None)
         }
     };
+    // -8 and -1 are the answers to a caller that did not prove it is Click.
+    let code = answer["error"].as_i64();
+    let unauthenticated = code == Some(BAD_REQUEST.into()) || code == Some(SIGN_FAILED.into());
+    if unauthenticated && super::throttled(&state, &ctx).await {
+        return Json(wire::answer(&fields, BAD_REQUEST, None));
+    }
     let actor = Actor {
         kind: "provider",
         id: "click".into(),

@@ -13,6 +13,8 @@ pub const ACTION_NOT_FOUND: i32 = -3;
 pub const ALREADY_PAID: i32 = -4;
 pub const USER_NOT_FOUND: i32 = -5;
 pub const TX_NOT_FOUND: i32 = -6;
+/// "Failed to update": our side failed; Click retries.
+pub const UPDATE_FAILED: i32 = -7;
 pub const BAD_REQUEST: i32 = -8;
 pub const CANCELLED: i32 = -9;
 

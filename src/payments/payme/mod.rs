@@ -47,7 +47,11 @@ pub async fn webhook(
     headers: HeaderMap,
     body: Body,
 ) -> Json<Value> {
-    let (id, outcome) = handle(&state, &ctx, &method, &headers, body).await;
+    let authenticated = authorized(&state, &ctx, &headers);
+    if !authenticated && super::throttled(&state, &ctx).await {
+        return Json(RpcError::new(UNAUTHORIZED).into_body(&Value::Null));
+    }
+    let (id, outcome) = handle(&state, &method, authenticated, body).await;
     let (code, body) = match outcome {
         Ok((_, result)) => ("OK".to_owned(), success(&id, result)),
         Err(e) => (e.code.to_string(), e.into_body(&id)),
@@ -68,9 +72,8 @@ type Outcome = Result<(&'static str, Value), RpcError>;
 
 async fn handle(
     state: &AppState,
-    ctx: &RequestContext,
     method: &Method,
-    headers: &HeaderMap,
+    authenticated: bool,
     body: Body,
 ) -> (Value, Outcome) {
     if method != Method::POST {
@@ -89,7 +92,7 @@ async fn handle(
     ) else {
         return (id, Err(RpcError::new(INVALID_REQUEST)));
     };
-    if !authorized(state, ctx, headers) {
+    if !authenticated {
         return (id, Err(RpcError::new(UNAUTHORIZED)));
     }
     let payme = Payme { state };

@@ -49,7 +49,7 @@ const TX_CANCELLED: &str = "10015";
 const ALREADY_CONFIRMED: &str = "10016";
 const CANNOT_REVERSE: &str = "10017";
 const ALREADY_REVERSED: &str = "10018";
-const INTERNAL: &str = "99999";
+pub const INTERNAL: &str = "99999";
 
 type Answer = (StatusCode, Json<Value>);
 
@@ -74,7 +74,10 @@ pub async fn webhook(
     headers: HeaderMap,
     body: Body,
 ) -> Answer {
-    let (answer, _) = handle(&state, &action, &method, &headers, body).await;
+    let (answer, authenticated) = handle(&state, &action, &method, &headers, body).await;
+    if !authenticated && super::throttled(&state, &ctx).await {
+        return failed(&Value::Null, ACCESS_DENIED);
+    }
     let (_, Json(body)) = &answer;
     let outcome = body["errorCode"].as_str().unwrap_or("OK").to_owned();
     let actor = Actor {
@@ -96,22 +99,22 @@ async fn handle(
     method: &Method,
     headers: &HeaderMap,
     body: Body,
-) -> (Answer, Value) {
+) -> (Answer, bool) {
     let Ok(bytes) = axum::body::to_bytes(body, BODY_LIMIT).await else {
-        return (failed(&Value::Null, JSON_ERROR), Value::Null);
+        return (failed(&Value::Null, JSON_ERROR), false);
     };
     if !authorized(state, headers, &bytes) {
-        return (failed(&Value::Null, ACCESS_DENIED), Value::Null);
+        return (failed(&Value::Null, ACCESS_DENIED), false);
     }
     let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(&bytes) else {
-        return (failed(&Value::Null, JSON_ERROR), Value::Null);
+        return (failed(&Value::Null, JSON_ERROR), true);
     };
     let request = Value::Object(request);
     let service_id = request.get("serviceId").cloned().unwrap_or(Value::Null);
     if method != Method::POST
         || !["check", "create", "confirm", "reverse", "status"].contains(&action)
     {
-        return (failed(&service_id, BAD_OPERATION), service_id);
+        return (failed(&service_id, BAD_OPERATION), true);
     }
     let ours = state.settings.uzum.service_id.as_deref();
     let matches = match &service_id {
@@ -120,10 +123,10 @@ async fn handle(
         _ => false,
     };
     if service_id.is_null() {
-        return (failed(&service_id, MISSING_PARAMS), service_id);
+        return (failed(&service_id, MISSING_PARAMS), true);
     }
     if !matches {
-        return (failed(&service_id, BAD_SERVICE), service_id);
+        return (failed(&service_id, BAD_SERVICE), true);
     }
     let uzum = Uzum {
         state,
@@ -137,7 +140,7 @@ async fn handle(
             failed(&service_id, INTERNAL)
         }
     };
-    (answer, service_id)
+    (answer, true)
 }
 
 /// Basic `UZUM_LOGIN:UZUM_PASSWORD` (constant time); with `UZUM_SECRET_KEY`, also

@@ -14,6 +14,7 @@ use crate::{
     db::entities::{service_token, session},
     error::AppError,
     proto::{self, auth_service_server::AuthService},
+    ratelimit::{RateLimiter, Scope},
     transport::{
         context::RequestContext,
         grpc::{non_empty, timestamp, user},
@@ -23,11 +24,20 @@ use crate::{
 pub struct AuthApi {
     accounts: Accounts,
     tokens: std::sync::Arc<ServiceTokenStore>,
+    limiter: RateLimiter,
 }
 
 impl AuthApi {
-    pub fn new(accounts: Accounts, tokens: std::sync::Arc<ServiceTokenStore>) -> Self {
-        Self { accounts, tokens }
+    pub fn new(
+        accounts: Accounts,
+        tokens: std::sync::Arc<ServiceTokenStore>,
+        limiter: RateLimiter,
+    ) -> Self {
+        Self {
+            accounts,
+            tokens,
+            limiter,
+        }
     }
 }
 
@@ -87,6 +97,16 @@ impl AuthService for AuthApi {
         let origin = origin(&request, &ctx);
         let actor = Actor::from_request(None, &ctx);
         let r = request.into_inner();
+        // The guard counted this address; the identifier has its own quota (security.md), so
+        // guessing one account's password from many addresses is throttled too.
+        let identifier = format!("login:{}", r.login.trim().to_lowercase());
+        let verdict = self
+            .limiter
+            .check(Scope::LoginIdentifier, &identifier)
+            .await;
+        if let Some(rate_limited) = verdict.and_then(|v| v.refusal()) {
+            return Err(rate_limited.into());
+        }
         let signed_in = self
             .accounts
             .login(&r.login, SecretString::from(r.password), &origin, &actor)

@@ -2,6 +2,7 @@
 
 pub mod application;
 pub mod auth;
+pub mod guard;
 pub mod payment;
 
 use chrono::{DateTime, Utc};

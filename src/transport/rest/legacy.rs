@@ -9,6 +9,7 @@ use axum::{
     body::Bytes,
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
 };
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -16,8 +17,9 @@ use serde::Serialize;
 use crate::{
     applications::{Application, SubmitInput},
     audit::Actor,
-    auth::{Principal, layer::SERVICE_TOKEN_HEADER},
+    auth::{Principal, ServiceName, layer::SERVICE_TOKEN_HEADER},
     error::{AppError, FieldViolation, Reason},
+    ratelimit::{self, Scope},
     state::AppState,
     transport::context::RequestContext,
 };
@@ -74,16 +76,42 @@ pub async fn submit(
     Extension(ctx): Extension<RequestContext>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<(StatusCode, Json<ApplicationJson>), AppError> {
+) -> Response {
     let raw = headers
         .get(SERVICE_TOKEN_HEADER)
         .map(|v| v.to_str().unwrap_or_default());
-    let caller = state.auth.service(raw, ACTION, &ctx)?;
+    let caller = state.auth.service(raw, ACTION, &ctx);
+    // The same bucket as the gRPC method: the service, or the address of a caller without one.
+    let principal = caller.as_ref().ok().cloned().map(Principal::Service);
+    let subject = ratelimit::subject(principal.as_ref(), ctx.client_ip);
+    let verdict = state.limiter.check(Scope::General, &subject).await;
+    let mut response = match verdict.and_then(|v| v.refusal()) {
+        Some(rate_limited) => rate_limited.into_response(),
+        None => match caller {
+            Ok(caller) => submit_as(&state, caller, &service, &ctx, &body)
+                .await
+                .into_response(),
+            Err(refused) => refused.into_response(),
+        },
+    };
+    if let Some(verdict) = verdict {
+        verdict.write_headers(response.headers_mut());
+    }
+    response
+}
+
+async fn submit_as(
+    state: &AppState,
+    caller: ServiceName,
+    service: &str,
+    ctx: &RequestContext,
+    body: &[u8],
+) -> Result<(StatusCode, Json<ApplicationJson>), AppError> {
     if caller.as_str() != service {
         // A token of another service: refused exactly like an unknown token (the bots' contract).
         state
             .auth
-            .audit_refusal(ACTION, Reason::ServiceTokenInvalid, &ctx);
+            .audit_refusal(ACTION, Reason::ServiceTokenInvalid, ctx);
         return Err(AppError::refused(
             Reason::ServiceTokenInvalid,
             "invalid service token",
@@ -91,13 +119,13 @@ pub async fn submit(
     }
     // The body is `SubmitApplicationRequest`'s fields in snake_case; unknown fields are
     // ignored, as the previous server did.
-    let input: SubmitInput = serde_json::from_slice(&body).map_err(|e| {
+    let input: SubmitInput = serde_json::from_slice(body).map_err(|e| {
         AppError::Validation(vec![FieldViolation::new(
             "body",
             format!("not a valid JSON application: {e}"),
         )])
     })?;
-    let actor = Actor::from_request(Some(&Principal::Service(caller.clone())), &ctx);
+    let actor = Actor::from_request(Some(&Principal::Service(caller.clone())), ctx);
     let app = state.applications.submit(&caller, &actor, input).await?;
     Ok((StatusCode::CREATED, Json(app.into())))
 }

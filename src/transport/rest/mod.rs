@@ -53,34 +53,56 @@ async fn refuse_script_queries(req: Request, next: Next) -> Response {
         let decoded = percent_decode(query).to_ascii_lowercase();
         if decoded.contains("<script") || decoded.contains("javascript:") {
             // Providers get every refusal in their own format.
-            let path = req.uri().path();
-            if path == "/webhooks/payme" {
-                let rpc = crate::payments::payme::wire::RpcError::new(
-                    crate::payments::payme::wire::INVALID_REQUEST,
-                );
-                return axum::Json(rpc.into_body(&serde_json::Value::Null)).into_response();
-            }
-            if path.starts_with("/webhooks/click/") {
-                let fields = crate::payments::click::wire::Fields::new();
-                let answer = crate::payments::click::wire::answer(
-                    &fields,
-                    crate::payments::click::wire::BAD_REQUEST,
-                    None,
-                );
-                return axum::Json(answer).into_response();
-            }
-            if path.starts_with("/webhooks/uzum/") {
-                return crate::payments::uzum::failed(
-                    &serde_json::Value::Null,
-                    crate::payments::uzum::JSON_ERROR,
-                )
-                .into_response();
+            if let Some(answer) = provider_refusal(req.uri().path(), ProviderRefusal::Malformed) {
+                return answer;
             }
             return AppError::refused(Reason::ValidationFailed, "query string refused")
                 .into_response();
         }
     }
     next.run(req).await
+}
+
+/// Why a provider route refuses a request before its handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderRefusal {
+    /// Too large, or refused by a filter: the provider's "bad request".
+    Malformed,
+    /// Our side could not answer in time: the provider's "internal error, try again".
+    Failed,
+}
+
+/// The refusal in the provider's own format, when `path` is a provider webhook (api.md).
+pub fn provider_refusal(path: &str, refusal: ProviderRefusal) -> Option<Response> {
+    use crate::payments::{click, payme, uzum};
+    let malformed = refusal == ProviderRefusal::Malformed;
+    if path == "/webhooks/payme" {
+        let code = if malformed {
+            payme::wire::INVALID_REQUEST
+        } else {
+            payme::wire::INTERNAL
+        };
+        let rpc = payme::wire::RpcError::new(code);
+        return Some(axum::Json(rpc.into_body(&serde_json::Value::Null)).into_response());
+    }
+    if path.starts_with("/webhooks/click/") {
+        let code = if malformed {
+            click::wire::BAD_REQUEST
+        } else {
+            click::wire::UPDATE_FAILED
+        };
+        let answer = click::wire::answer(&click::wire::Fields::new(), code, None);
+        return Some(axum::Json(answer).into_response());
+    }
+    if path.starts_with("/webhooks/uzum/") {
+        let code = if malformed {
+            uzum::JSON_ERROR
+        } else {
+            uzum::INTERNAL
+        };
+        return Some(uzum::failed(&serde_json::Value::Null, code).into_response());
+    }
+    None
 }
 
 /// Decodes `%XX` escapes and `+`, repeatedly, so double encoding does not hide anything.
