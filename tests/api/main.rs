@@ -9,6 +9,7 @@ mod catalog;
 mod click_uzum;
 mod payme;
 mod payments;
+mod ratelimit;
 mod service_tokens;
 mod staff;
 mod submit;
