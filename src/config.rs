@@ -126,11 +126,73 @@ fn bad(var: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("invalid {var}: {why}"))
 }
 
+/// Every variable `Settings` reads (api.md's configuration table), so deployment files can be
+/// checked against it. Reading a name missing here fails the configuration tests.
+pub const VARIABLES: &[&str] = &[
+    "ENVIRONMENT",
+    "LISTEN_ADDR",
+    "CRM_DATA_DIR",
+    "DATABASE_URL",
+    "DATABASE_POOL_SIZE",
+    "POSTGRES_HOST",
+    "POSTGRES_PORT",
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "POSTGRES_DB",
+    "SECRET_KEY",
+    "ACCESS_TOKEN_EXPIRE_MINUTES",
+    "REFRESH_TOKEN_EXPIRE_DAYS",
+    "RATE_LIMIT_ENABLED",
+    "RATE_LIMIT_PER_MINUTE",
+    "RATE_LIMIT_BACKEND",
+    "REDIS_URL",
+    "TRUSTED_PROXIES",
+    "CORS_ALLOWED_ORIGINS",
+    "GRPC_REFLECTION",
+    "GRPC_MAX_MESSAGE_BYTES",
+    "REQUEST_TIMEOUT_SECONDS",
+    "SHUTDOWN_GRACE_SECONDS",
+    "LOG_FORMAT",
+    "PAYME_MERCHANT_ID",
+    "PAYME_LOGIN",
+    "PAYME_SECRET_KEY",
+    "PAYME_ACCOUNT_FIELD",
+    "PAYME_CHECKOUT_URL",
+    "PAYME_ALLOWED_IPS",
+    "PAYME_ALLOW_REFUND",
+    "CLICK_SERVICE_ID",
+    "CLICK_MERCHANT_ID",
+    "CLICK_MERCHANT_USER_ID",
+    "CLICK_SECRET_KEY",
+    "CLICK_CHECKOUT_URL",
+    "UZUM_SERVICE_ID",
+    "UZUM_LOGIN",
+    "UZUM_PASSWORD",
+    "UZUM_SECRET_KEY",
+    "UZUM_CHECKOUT_URL",
+    "UZUM_ALLOW_REFUND",
+];
+
+/// Whether the server (or a library it runs: tokio, tracing, OpenTelemetry) reads `name`.
+pub fn is_known_variable(name: &str) -> bool {
+    VARIABLES.contains(&name)
+        || matches!(name, "RUST_LOG" | "TOKIO_WORKER_THREADS")
+        || name.starts_with("OTEL_")
+        || name
+            .strip_prefix("SERVICE_TOKEN_")
+            .and_then(|rest| rest.strip_suffix("_HASH"))
+            .is_some_and(|service| !service.is_empty())
+}
+
 /// Reads variables from a snapshot map, treating empty values as unset (as `.env` files do).
 struct Vars<'a>(&'a HashMap<String, String>);
 
 impl Vars<'_> {
     fn get(&self, name: &str) -> Option<&str> {
+        debug_assert!(
+            VARIABLES.contains(&name),
+            "{name} is missing from VARIABLES"
+        );
         self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
     }
 

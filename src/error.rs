@@ -377,6 +377,8 @@ impl IntoResponse for AppError {
             },
         };
         let mut response = (reason.http_status(), Json(body)).into_response();
+        // For the request metrics; extensions never reach the wire.
+        response.extensions_mut().insert(reason);
         if let Self::RetryLater { retry_after, .. } = &self {
             let secs = crate::ratelimit::ceil_secs(*retry_after);
             response

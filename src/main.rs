@@ -21,7 +21,6 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    telemetry::init(settings.log_format);
     // TOKIO_WORKER_THREADS is read by tokio itself.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -30,7 +29,14 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => return exit(Err(e.into())),
     };
-    exit(runtime.block_on(cli::run(command, settings)))
+    // The trace exporter needs the runtime; spans still queued are flushed before exit.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        telemetry::init(settings.log_format)
+    };
+    let result = runtime.block_on(cli::run(command, settings));
+    telemetry.shutdown();
+    exit(result)
 }
 
 fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {

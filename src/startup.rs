@@ -98,6 +98,7 @@ impl Application {
             settings.secret_key = development_secret(&settings.data_dir)?;
         }
         let settings = Arc::new(settings);
+        crate::telemetry::metrics::install()?;
         tracing::info!(database = %settings.database_url_redacted(), "connecting to the database");
         let db = db::connect(&settings)
             .await
@@ -328,6 +329,9 @@ fn build_router(
         .layer(axum::middleware::from_fn_with_state(
             settings.request_timeout,
             limits::enforce,
+        ))
+        .layer(axum::middleware::from_fn(
+            crate::telemetry::metrics::record_requests,
         ))
         .layer(ContextLayer::new(
             settings.trusted_proxies.clone(),

@@ -69,6 +69,7 @@ impl Applications {
             .announce(&txn, &events::notice(EventKind::Created, &app.id))
             .await?;
         txn.commit().await?;
+        tracing::info!(application = %app.id, source = %app.source, "application submitted");
         self.events.committed(ApplicationEvent {
             kind: EventKind::Created,
             application: app.clone(),

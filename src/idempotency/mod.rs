@@ -163,6 +163,7 @@ impl Idempotency {
         let scope = (principal, method, key.0.as_str());
         match self.claim(scope, &fingerprint).await? {
             Claim::Finished(stored) => {
+                crate::telemetry::metrics::idempotency_replay(method);
                 let mut metadata = MetadataMap::new();
                 metadata.insert(REPLAY_HEADER, MetadataValue::from_static("true"));
                 match stored.into_result::<Resp>() {

@@ -297,7 +297,7 @@ impl Payments {
         self.events.announce(&txn, &notice(&model.id)).await?;
         txn.commit().await?;
         let payment = Payment::try_from(model)?;
-        self.events.committed(payment.clone());
+        self.committed(payment.clone());
         Ok(payment)
     }
 
@@ -541,7 +541,7 @@ impl Payments {
             .ok_or_else(|| not_found("invoice"))?;
         match self.insert_pending(&self.db, &invoice, provider).await {
             Ok(payment) => {
-                self.events.committed(payment.clone());
+                self.committed(payment.clone());
                 Ok(payment)
             }
             Err(_) => self
@@ -551,8 +551,10 @@ impl Payments {
         }
     }
 
-    /// After the transaction of `apply_provider_event` committed.
+    /// After a transaction that created or changed a payment committed: counts it and tells
+    /// the watchers.
     pub fn committed(&self, payment: Payment) {
+        crate::telemetry::metrics::payment(payment.provider.as_str(), payment.status.as_str());
         self.events.committed(payment);
     }
 

@@ -210,6 +210,14 @@ impl RateLimiter {
 
     /// Counts one request against `scope` for `subject`. `None` when quotas are off.
     pub async fn check(&self, scope: Scope, subject: &str) -> Option<Verdict> {
+        let verdict = self.decide(scope, subject).await?;
+        if !verdict.allowed() {
+            crate::telemetry::metrics::rate_limited(scope);
+        }
+        Some(verdict)
+    }
+
+    async fn decide(&self, scope: Scope, subject: &str) -> Option<Verdict> {
         let inner = self.inner.as_ref()?;
         if let Some(redis) = &inner.redis
             && inner.redis_up.load(Ordering::Relaxed)

@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use ipnet::IpNet;
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -102,26 +103,67 @@ where
             .map(|a| a.ip())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let headers = req.headers();
-        let ctx = RequestContext {
+        let mut ctx = RequestContext {
             request_id: request_id(headers),
             client_ip: client_ip(peer, headers, &self.layer.trusted_proxies),
             trace_id: trace_id(headers),
             received_at,
         };
+        let span = request_span(&req, &mut ctx);
         let request_id = HeaderValue::from_str(&ctx.request_id).ok();
         req.extensions_mut().insert(ctx);
         let production = self.layer.production;
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let mut res = fut.await?;
-            let headers = res.headers_mut();
-            if let Some(id) = request_id {
-                headers.insert(X_REQUEST_ID.clone(), id);
+        let fut = span.in_scope(|| self.inner.call(req));
+        Box::pin(
+            async move {
+                let mut res = fut.await?;
+                let headers = res.headers_mut();
+                if let Some(id) = request_id {
+                    headers.insert(X_REQUEST_ID.clone(), id);
+                }
+                security_headers(headers, production);
+                Ok(res)
             }
-            security_headers(headers, production);
-            Ok(res)
-        })
+            .instrument(span),
+        )
     }
+}
+
+/// The one server span of a request, continuing the caller's trace. Later layers fill in the
+/// principal (`record_principal`) and the outcome (the metrics layer). No header values are
+/// recorded, so no credential can reach a span.
+fn request_span<B>(req: &Request<B>, ctx: &mut RequestContext) -> tracing::Span {
+    use tracing::field::Empty;
+    let path = req.uri().path();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = crate::telemetry::metrics::method_label(path),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %req.method(),
+        request_id = %ctx.request_id,
+        trace_id = Empty,
+        principal.kind = Empty,
+        principal.name = Empty,
+        outcome = Empty,
+        status = Empty,
+    );
+    crate::telemetry::continue_trace(&span, req.headers());
+    if let Some(exported) = crate::telemetry::trace_id_of(&span) {
+        ctx.trace_id = Some(exported);
+    }
+    if let Some(trace_id) = &ctx.trace_id {
+        span.record("trace_id", trace_id.as_str());
+    }
+    span
+}
+
+/// Names the caller on the current request span: its kind (`service`, `user`, `provider`)
+/// and its name (service name, user id, provider), never a credential.
+pub fn record_principal(kind: &str, name: &str) {
+    tracing::Span::current()
+        .record("principal.kind", kind)
+        .record("principal.name", name);
 }
 
 /// The caller's `x-request-id` when it is sane (1–128 visible ASCII), else a fresh UUID.

@@ -137,7 +137,9 @@ fn migrate_creates_the_database_and_can_run_twice() {
 }
 
 /// Collects the server's standard error on a thread; returns the buffer and the thread.
-fn capture_stderr(child: &mut Child) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
+pub(crate) fn capture_stderr(
+    child: &mut Child,
+) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
     let stderr = child.stderr.take().expect("stderr");
     let log = Arc::new(Mutex::new(String::new()));
     let sink = log.clone();
@@ -152,7 +154,7 @@ fn capture_stderr(child: &mut Child) -> (Arc<Mutex<String>>, std::thread::JoinHa
 }
 
 /// Waits until the server logs where it listens (JSON logs, `local_addr`).
-fn wait_for_port(log: &Mutex<String>) -> u16 {
+pub(crate) fn wait_for_port(log: &Mutex<String>) -> u16 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let found = log.lock().expect("log").lines().find_map(|line| {

@@ -12,6 +12,7 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use crate::telemetry::metrics;
 use crate::{
     audit::{Actor, AuditEvent},
     db::{
@@ -80,6 +81,7 @@ async fn endpoint(
     let code = answer["error"].as_i64();
     let unauthenticated = code == Some(BAD_REQUEST.into()) || code == Some(SIGN_FAILED.into());
     if unauthenticated && super::throttled(&state, &ctx).await {
+        metrics::webhook_call("click", "THROTTLED");
         return Json(wire::answer(&fields, BAD_REQUEST, None));
     }
     let actor = Actor {
@@ -92,7 +94,10 @@ async fn endpoint(
         Stage::Complete => "POST /webhooks/click/complete",
     };
     let outcome = answer["error"].to_string();
-    let mut event = AuditEvent::new(&actor, action, if outcome == "0" { "OK" } else { &outcome });
+    let outcome = if outcome == "0" { "OK" } else { &outcome };
+    metrics::webhook_call("click", outcome);
+    crate::transport::context::record_principal("provider", "click");
+    let mut event = AuditEvent::new(&actor, action, outcome);
     if let Some(id) = fields.get("click_trans_id") {
         event = event.target(id);
     }

@@ -22,6 +22,7 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use crate::telemetry::metrics;
 use crate::{
     audit::{Actor, AuditEvent},
     db::{
@@ -49,6 +50,7 @@ pub async fn webhook(
 ) -> Json<Value> {
     let authenticated = authorized(&state, &ctx, &headers);
     if !authenticated && super::throttled(&state, &ctx).await {
+        metrics::webhook_call("payme", "THROTTLED");
         return Json(RpcError::new(UNAUTHORIZED).into_body(&Value::Null));
     }
     let (id, outcome) = handle(&state, &method, authenticated, body).await;
@@ -61,6 +63,8 @@ pub async fn webhook(
         id: "payme".into(),
         ..Actor::from_request(None, &ctx)
     };
+    metrics::webhook_call("payme", &code);
+    crate::transport::context::record_principal("provider", "payme");
     state
         .auth
         .audit

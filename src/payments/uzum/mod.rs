@@ -18,6 +18,7 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use crate::telemetry::metrics;
 use crate::{
     audit::{Actor, AuditEvent},
     db::{
@@ -76,10 +77,13 @@ pub async fn webhook(
 ) -> Answer {
     let (answer, authenticated) = handle(&state, &action, &method, &headers, body).await;
     if !authenticated && super::throttled(&state, &ctx).await {
+        metrics::webhook_call("uzum", "THROTTLED");
         return failed(&Value::Null, ACCESS_DENIED);
     }
     let (_, Json(body)) = &answer;
     let outcome = body["errorCode"].as_str().unwrap_or("OK").to_owned();
+    metrics::webhook_call("uzum", &outcome);
+    crate::transport::context::record_principal("provider", "uzum");
     let actor = Actor {
         kind: "provider",
         id: "uzum".into(),

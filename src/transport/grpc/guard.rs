@@ -13,7 +13,7 @@ use tower::{Layer, Service};
 use crate::{
     auth::layer::Authenticator,
     ratelimit::{self, RateLimiter, Scope},
-    transport::context::RequestContext,
+    transport::context::{RequestContext, record_principal},
 };
 
 #[derive(Clone)]
@@ -60,6 +60,10 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let decision = self.layer.auth.decide(&req);
+        if let Ok(Some(principal)) = &decision {
+            let (kind, name) = principal.actor();
+            record_principal(kind, name);
+        }
         let scope = Scope::for_grpc_path(req.uri().path());
         // A caller that proved no principal is counted by its address.
         let subject = ratelimit::subject(

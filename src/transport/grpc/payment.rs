@@ -233,9 +233,22 @@ impl PaymentService for PaymentApi {
                     ))),
                 })
             });
-        // The current payment, then each change; the stream ends after a final status.
+        // The current payment, then each change; the stream ends after a final status. A
+        // notice can arrive after the read that already saw its change (notices of other
+        // replicas are delivered late): what equals the last answer sent is not sent again.
+        let mut last = None;
         let all = futures::stream::once(futures::future::ready(Ok::<Payment, AppError>(current)))
             .chain(changes)
+            .filter(move |item| {
+                let fresh = match item {
+                    Ok(p) => {
+                        let seen = Some((p.status, p.updated_at));
+                        std::mem::replace(&mut last, seen) != seen
+                    }
+                    Err(_) => true,
+                };
+                futures::future::ready(fresh)
+            })
             .boxed();
         let stream = futures::stream::unfold((all, false), |(mut all, ended)| async move {
             if ended {

@@ -1,4 +1,4 @@
-//! `/healthz` (the process is up) and `/readyz` (the database answers).
+//! `/healthz` (the process is up), `/readyz` (the database answers) and `/metrics`.
 
 use std::time::Duration;
 
@@ -20,4 +20,15 @@ pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, 
         Ok(Err(e)) => Err(AppError::Unavailable(e.to_string())),
         Err(_) => Err(AppError::Unavailable("database ping timed out".into())),
     }
+}
+
+/// Prometheus text format (exempt from quotas, like the probes).
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::telemetry::metrics::render(&state.db),
+    )
 }

@@ -21,7 +21,7 @@ use crate::{
     error::{AppError, FieldViolation, Reason},
     ratelimit::{self, Scope},
     state::AppState,
-    transport::context::RequestContext,
+    transport::context::{RequestContext, record_principal},
 };
 
 const ACTION: &str = "POST /api/v1/{service}/application";
@@ -81,6 +81,9 @@ pub async fn submit(
         .get(SERVICE_TOKEN_HEADER)
         .map(|v| v.to_str().unwrap_or_default());
     let caller = state.auth.service(raw, ACTION, &ctx);
+    if let Ok(service) = &caller {
+        record_principal("service", service.as_str());
+    }
     // The same bucket as the gRPC method: the service, or the address of a caller without one.
     let principal = caller.as_ref().ok().cloned().map(Principal::Service);
     let subject = ratelimit::subject(principal.as_ref(), ctx.client_ip);

@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .layer(middleware::from_fn(refuse_script_queries))
         .with_state(state)
 }

@@ -1,0 +1,69 @@
+//! Telemetry: logs to standard error (pretty or JSON, filtered by `RUST_LOG`), OTLP trace
+//! export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`otel`), and Prometheus metrics
+//! (`metrics`). Each request runs in one server span made by the context layer
+//! (`transport::context`), so every log line of a request carries its request and trace ids.
+
+pub mod metrics;
+mod otel;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+use crate::config::LogFormat;
+
+pub use otel::{continue_trace, trace_id_of};
+
+/// Noisy dependencies are held at `warn` unless `RUST_LOG` names them (so database spans are
+/// exported only when asked for, at debug level).
+const DEFAULT_FILTER: &str = "info,sqlx=warn,sea_orm=warn,h2=warn,hyper=warn,tower=warn";
+
+/// Keeps the trace exporter alive; `shutdown` flushes what is queued.
+#[must_use]
+pub struct Telemetry {
+    tracer_provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    pub fn shutdown(self) {
+        if let Some(provider) = self.tracer_provider
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("crm-server: flushing traces failed: {e}");
+        }
+    }
+}
+
+/// Installs the process-wide subscriber. Call it inside the tokio runtime: the gRPC exporter
+/// lives on it. A second call (tests start many servers in one process) keeps the first.
+pub fn init(format: LogFormat) -> Telemetry {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let tracer_provider = match otel::tracer_provider() {
+        Ok(provider) => provider,
+        Err(e) => {
+            eprintln!("crm-server: OpenTelemetry export is off: {e:#}");
+            None
+        }
+    };
+    let otel_layer = tracer_provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let _ = match format {
+        LogFormat::Pretty => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+    Telemetry { tracer_provider }
+}

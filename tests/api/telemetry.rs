@@ -1,0 +1,366 @@
+//! What operators see: Prometheus counters that move with the traffic, and a caller's trace
+//! continuing into our server span, exported over OTLP to a receiver run by the test.
+
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use crm_server::proto::{self, payment_service_client::PaymentServiceClient};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::any_value::Value as OtelValue,
+    trace::v1::{Span, span::SpanKind},
+};
+use serde_json::json;
+
+use crate::helpers::{Backend, TestApp, sha256_hex, spawn_app_with, with_bearer, with_token};
+
+/// The sum of a metric's samples whose labels include `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let found: HashMap<&str, &str> = rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            labels
+                .iter()
+                .all(|(k, v)| found.get(k) == Some(v))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+async fn scrape(app: &TestApp) -> String {
+    let res = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("scrape");
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain")
+    );
+    res.text().await.expect("text")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_calls_succeed_fail_and_are_throttled() {
+    let app = spawn_app_with(Backend::Sqlite, &[]).await.expect("app");
+    // Counters are process-wide (other tests run beside this one), so compare growth.
+    let before = scrape(&app).await;
+    let list = "/crm.v1.ApplicationService/ListPrograms";
+    let mut client = app.applications().await;
+    for _ in 0..3 {
+        client
+            .list_programs(with_token(
+                proto::ListProgramsRequest::default(),
+                &app.bot1_token,
+            ))
+            .await
+            .expect("listed");
+    }
+    for _ in 0..2 {
+        client
+            .list_programs(with_token(
+                proto::ListProgramsRequest::default(),
+                "wrong-token",
+            ))
+            .await
+            .expect_err("bad token");
+    }
+    let (invoice, payer) = app.unpaid_invoice("+998935550030", 100_000).await;
+    let mut request = with_bearer(
+        proto::CreatePaymentRequest {
+            invoice_id: invoice,
+            provider: proto::Provider::Click.into(),
+            return_url: None,
+        },
+        &payer,
+    );
+    request.metadata_mut().insert(
+        "idempotency-key",
+        "metrics-test-key-0001".parse().expect("ascii"),
+    );
+    PaymentServiceClient::new(app.channel().await)
+        .create_payment(request)
+        .await
+        .expect("payment");
+
+    // Two sign-ins were spent above: three more fail on the password, then the quota.
+    let mut auth = app.auth().await;
+    for _ in 0..6 {
+        let _ = auth
+            .login(proto::LoginRequest {
+                login: "+998900000000".into(),
+                password: "wrong-password".into(),
+            })
+            .await;
+    }
+    let wrong = format!("Basic {}", STANDARD.encode("Paycom:wrong"));
+    app.http
+        .post(app.url("/webhooks/payme"))
+        .header("authorization", wrong)
+        .json(&json!({"method": "CheckTransaction", "id": 1, "params": {"id": "x"}}))
+        .send()
+        .await
+        .expect("payme");
+    let after = scrape(&app).await;
+    let grew = |name: &str, labels: &[(&str, &str)]| {
+        sample(&after, name, labels) - sample(&before, name, labels)
+    };
+    let requests = "crm_requests_total";
+    assert!(grew(requests, &[("method", list), ("outcome", "OK")]) >= 3.0);
+    assert!(
+        grew(
+            requests,
+            &[("method", list), ("outcome", "SERVICE_TOKEN_INVALID")]
+        ) >= 2.0
+    );
+    let login = "/crm.v1.AuthService/Login";
+    assert!(
+        grew(
+            requests,
+            &[("method", login), ("outcome", "INVALID_CREDENTIALS")]
+        ) >= 3.0
+    );
+    assert!(grew(requests, &[("method", login), ("outcome", "RATE_LIMITED")]) >= 1.0);
+    assert!(grew("crm_rate_limited_total", &[("scope", "login")]) >= 1.0);
+    assert!(
+        grew(
+            "crm_webhook_calls_total",
+            &[("provider", "payme"), ("result", "-32504")]
+        ) >= 1.0
+    );
+    assert!(
+        grew(
+            "crm_payments_total",
+            &[("provider", "CLICK"), ("status", "PENDING")]
+        ) >= 1.0
+    );
+    assert!(grew("crm_request_duration_seconds_count", &[("method", list)]) >= 5.0);
+    assert!(
+        sample(
+            &after,
+            "crm_request_duration_seconds_bucket",
+            &[("method", list), ("le", "+Inf")]
+        ) >= 5.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "crm_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    assert!(
+        after.contains("crm_db_pool_connections{state=\"idle\"}"),
+        "{after}"
+    );
+    // Unknown paths do not make new series.
+    app.http
+        .get(app.url("/no/such/path/12345"))
+        .send()
+        .await
+        .expect("404");
+    assert!(!scrape(&app).await.contains("12345"));
+    app.stop().await;
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().expect("spans");
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| {
+        match a.value.as_ref()?.value.as_ref()? {
+            OtelValue::StringValue(s) => Some(s.clone()),
+            OtelValue::IntValue(i) => Some(i.to_string()),
+            OtelValue::BoolValue(b) => Some(b.to_string()),
+            other => Some(format!("{other:?}")),
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_trace_continues_into_our_server_span_over_otlp() {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let otlp_port = listener.local_addr().expect("addr").port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let dir = tempfile::tempdir().expect("dir");
+    let token = "otel-test-raw-token-for-bot1-00000000000000000000";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crm-server"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}/crm.db?mode=rwc", dir.path().display()),
+        )
+        .env("CRM_DATA_DIR", dir.path())
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("SERVICE_TOKEN_BOT1_HASH", sha256_hex(token))
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{otlp_port}"),
+        )
+        .env("OTEL_SERVICE_NAME", "crm-server-test")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    let (log, reader) = crate::binary::capture_stderr(&mut child);
+    let port = crate::binary::wait_for_port(&log);
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut request = with_token(
+        proto::SubmitApplicationRequest {
+            full_name: "Trace Tester".into(),
+            phone: "+998901112233".into(),
+            language: "en".into(),
+            ..Default::default()
+        },
+        token,
+    );
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{parent_id}-01")
+            .parse()
+            .expect("ascii"),
+    );
+    request.metadata_mut().insert(
+        "x-request-id",
+        "trace-test-request-1".parse().expect("ascii"),
+    );
+    let response = proto::application_service_client::ApplicationServiceClient::new(channel)
+        .submit_application(request)
+        .await
+        .expect("submitted");
+    assert_eq!(
+        response
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("trace-test-request-1")
+    );
+
+    // Our span arrives within the batch delay; SIGTERM would flush it too.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let span = loop {
+        let found = receiver
+            .spans
+            .lock()
+            .expect("spans")
+            .iter()
+            .find(|s| hex::encode(&s.trace_id) == trace_id)
+            .cloned();
+        if let Some(span) = found {
+            break span;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no span of our trace was exported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        hex::encode(&span.parent_span_id),
+        parent_id,
+        "continues the caller's span"
+    );
+    assert_eq!(span.kind, SpanKind::Server as i32);
+    assert_eq!(span.name, "/crm.v1.ApplicationService/SubmitApplication");
+    assert_eq!(
+        attribute(&span, "principal.kind").as_deref(),
+        Some("service")
+    );
+    assert_eq!(attribute(&span, "principal.name").as_deref(), Some("bot1"));
+    assert_eq!(attribute(&span, "outcome").as_deref(), Some("OK"));
+    assert_eq!(
+        attribute(&span, "request_id").as_deref(),
+        Some("trace-test-request-1")
+    );
+    for span in receiver.spans.lock().expect("spans").iter() {
+        for a in &span.attributes {
+            assert!(
+                !format!("{:?}", a.value).contains(token),
+                "a token reached a span"
+            );
+        }
+    }
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let status = child.wait().expect("exit");
+    assert_eq!(status.code(), Some(0));
+    reader.join().expect("log reader");
+    // The request's JSON log lines carry its request and trace ids.
+    let log = log.lock().expect("log").clone();
+    assert!(!log.contains(token), "a token reached the log");
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "application submitted")
+        .expect("the submit was logged");
+    assert_eq!(line["span"]["trace_id"], trace_id, "{line}");
+    assert_eq!(line["span"]["request_id"], "trace-test-request-1", "{line}");
+}
