@@ -29,6 +29,8 @@ pub const REPLAY_HEADER: &str = "x-idempotency-replay";
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
 const PURGE_EVERY: Duration = Duration::from_secs(15 * 60);
+/// How long storing a committed answer is retried (well inside the request deadline).
+const FINISH_RETRY_FOR: Duration = Duration::from_secs(15);
 
 /// 16–255 printable ASCII characters, no spaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,11 +188,11 @@ impl Idempotency {
                     let stored = Stored::Ok {
                         message: STANDARD.encode(message.encode_to_vec()),
                     };
-                    self.finish(scope, &stored).await?;
+                    self.finish_after_commit(scope, &stored).await;
                     Ok(tonic::Response::new(message))
                 }
                 Err(e) if e.is_final() => {
-                    self.finish(scope, &Stored::of_error(&e)).await?;
+                    self.finish_after_commit(scope, &Stored::of_error(&e)).await;
                     Err(e.into())
                 }
                 Err(e) => {
@@ -201,6 +203,29 @@ impl Idempotency {
                     Err(e.into())
                 }
             },
+        }
+    }
+
+    /// Stores the final answer of work that has already committed. Failing here must not turn
+    /// a done request into an error the caller would retry (and, once the lock is stale, run
+    /// twice): a short database outage is waited out; past that, it is logged and the key is
+    /// taken over after `LOCK_TIMEOUT`.
+    async fn finish_after_commit(&self, scope: (&str, &str, &str), stored: &Stored) {
+        let deadline = tokio::time::Instant::now() + FINISH_RETRY_FOR;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.finish(scope, stored).await {
+                Ok(()) => return,
+                Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(error = %e, "storing an idempotent answer failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, method = scope.1, "storing an idempotent answer failed; the key stays locked until it is taken over");
+                    return;
+                }
+            }
         }
     }
 

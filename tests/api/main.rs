@@ -11,6 +11,7 @@ mod deploy;
 mod payme;
 mod payments;
 mod ratelimit;
+mod resilience;
 mod service_tokens;
 mod staff;
 mod submit;

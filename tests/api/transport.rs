@@ -39,7 +39,7 @@ fn unframe(body: &[u8]) -> (Vec<Vec<u8>>, String) {
     (data, trailers)
 }
 
-async fn health_status(app: &TestApp) -> ServingStatus {
+pub(crate) async fn health_status(app: &TestApp) -> ServingStatus {
     let mut client = HealthClient::new(app.channel().await);
     let response = client
         .check(HealthCheckRequest {
@@ -50,7 +50,7 @@ async fn health_status(app: &TestApp) -> ServingStatus {
     response.into_inner().status()
 }
 
-async fn wait_for_health(app: &TestApp, wanted: ServingStatus) {
+pub(crate) async fn wait_for_health(app: &TestApp, wanted: ServingStatus) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while health_status(app).await != wanted {
         assert!(
