@@ -29,8 +29,9 @@ pub const REPLAY_HEADER: &str = "x-idempotency-replay";
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
 const PURGE_EVERY: Duration = Duration::from_secs(15 * 60);
-/// How long storing a committed answer is retried (well inside the request deadline).
-const FINISH_RETRY_FOR: Duration = Duration::from_secs(15);
+/// How long settling a key (storing its answer or releasing it) is retried, well inside the
+/// request deadline.
+const SETTLE_RETRY_FOR: Duration = Duration::from_secs(15);
 
 /// 16–255 printable ASCII characters, no spaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +136,7 @@ enum Claim {
     Finished(Stored),
 }
 
+#[derive(Clone)]
 pub struct Idempotency {
     db: DatabaseConnection,
 }
@@ -145,25 +147,53 @@ impl Idempotency {
     }
 
     /// Runs `work` once per (principal, method, key); without a key, simply runs it.
+    ///
+    /// With a key, the claim, the work and the stored answer run in a task of their own, so a
+    /// caller that goes away mid-call cannot leave the key locked (its retry would wait for the
+    /// lock to go stale) or the work half-answered.
     pub async fn run<Req, Resp, Fut>(
         &self,
         principal: &str,
         method: &str,
         key: Option<IdempotencyKey>,
         request: &Req,
-        work: impl FnOnce() -> Fut,
+        work: impl FnOnce() -> Fut + Send + 'static,
     ) -> Result<tonic::Response<Resp>, tonic::Status>
     where
         Req: Message,
-        Resp: Message + Default,
-        Fut: Future<Output = Result<Resp, AppError>>,
+        Resp: Message + Default + Send + 'static,
+        Fut: Future<Output = Result<Resp, AppError>> + Send + 'static,
     {
         let Some(key) = key else {
             return work().await.map(tonic::Response::new).map_err(Into::into);
         };
         let fingerprint = hex::encode(Sha256::digest(request.encode_to_vec()));
-        let scope = (principal, method, key.0.as_str());
-        match self.claim(scope, &fingerprint).await? {
+        let this = self.clone();
+        let (principal, method) = (principal.to_owned(), method.to_owned());
+        let task = async move {
+            let scope = (principal.as_str(), method.as_str(), key.0.as_str());
+            this.claim_and_run(scope, &fingerprint, work).await
+        };
+        tokio::spawn(tracing::Instrument::in_current_span(task))
+            .await
+            .unwrap_or_else(|e| {
+                let cause = anyhow::anyhow!("idempotent call task failed: {e}");
+                Err(AppError::Internal(cause).into())
+            })
+    }
+
+    async fn claim_and_run<Resp, Fut>(
+        &self,
+        scope: (&str, &str, &str),
+        fingerprint: &str,
+        work: impl FnOnce() -> Fut,
+    ) -> Result<tonic::Response<Resp>, tonic::Status>
+    where
+        Resp: Message + Default,
+        Fut: Future<Output = Result<Resp, AppError>>,
+    {
+        let method = scope.1;
+        match self.claim(scope, fingerprint).await? {
             Claim::Finished(stored) => {
                 crate::telemetry::metrics::idempotency_replay(method);
                 let mut metadata = MetadataMap::new();
@@ -188,41 +218,45 @@ impl Idempotency {
                     let stored = Stored::Ok {
                         message: STANDARD.encode(message.encode_to_vec()),
                     };
-                    self.finish_after_commit(scope, &stored).await;
+                    self.settle(scope, Some(&stored)).await;
                     Ok(tonic::Response::new(message))
                 }
                 Err(e) if e.is_final() => {
-                    self.finish_after_commit(scope, &Stored::of_error(&e)).await;
+                    self.settle(scope, Some(&Stored::of_error(&e))).await;
                     Err(e.into())
                 }
                 Err(e) => {
                     // Transient: release the key so that a retry runs again.
-                    if let Err(release) = self.release(scope).await {
-                        tracing::warn!(error = %release, "releasing an idempotency key failed");
-                    }
+                    self.settle(scope, None).await;
                     Err(e.into())
                 }
             },
         }
     }
 
-    /// Stores the final answer of work that has already committed. Failing here must not turn
-    /// a done request into an error the caller would retry (and, once the lock is stale, run
-    /// twice): a short database outage is waited out; past that, it is logged and the key is
-    /// taken over after `LOCK_TIMEOUT`.
-    async fn finish_after_commit(&self, scope: (&str, &str, &str), stored: &Stored) {
-        let deadline = tokio::time::Instant::now() + FINISH_RETRY_FOR;
+    /// Settles a claimed key: stores the final answer (`Some`) or releases the key after a
+    /// transient failure (`None`). The work is over, so a short database outage is waited out
+    /// rather than leaving the key locked: a stored answer must not be lost (the caller would
+    /// retry and, once the lock is stale, run the work twice), and a release must not make the
+    /// caller's retry wait for the lock to go stale. Past `SETTLE_RETRY_FOR` it is logged and
+    /// the lock is taken over after `LOCK_TIMEOUT`.
+    async fn settle(&self, scope: (&str, &str, &str), answer: Option<&Stored>) {
+        let deadline = tokio::time::Instant::now() + SETTLE_RETRY_FOR;
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.finish(scope, stored).await {
+            let result = match answer {
+                Some(stored) => self.finish(scope, stored).await,
+                None => self.release(scope).await.map_err(AppError::from),
+            };
+            match result {
                 Ok(()) => return,
                 Err(e) if tokio::time::Instant::now() + delay < deadline => {
-                    tracing::warn!(error = %e, "storing an idempotent answer failed; retrying");
+                    tracing::warn!(error = %e, "settling an idempotency key failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, method = scope.1, "storing an idempotent answer failed; the key stays locked until it is taken over");
+                    tracing::error!(error = %e, method = scope.1, "settling an idempotency key failed; it stays locked until taken over");
                     return;
                 }
             }

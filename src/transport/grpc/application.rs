@@ -76,10 +76,11 @@ impl ApplicationService for ApplicationApi {
         let actor = Actor::from_request(Some(&principal), &ctx);
         let r = request.into_inner();
         let scope = format!("service:{service}");
+        let (applications, service, input) = (self.applications.clone(), service.clone(), r.clone());
         self.idempotency
-            .run(&scope, SUBMIT_ACTION, key, &r, || async {
-                self.applications
-                    .submit(service, &actor, r.clone().into())
+            .run(&scope, SUBMIT_ACTION, key, &r, || async move {
+                applications
+                    .submit(&service, &actor, input.into())
                     .await
                     .map(proto::Application::from)
             })

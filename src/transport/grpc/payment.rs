@@ -77,15 +77,17 @@ impl PaymentService for PaymentApi {
         let (user, actor) = user(&request)?;
         let r = request.into_inner();
         let principal = format!("user:{}", user.id);
+        let (payments, input) = (self.payments.clone(), r.clone());
         self.idempotency
             .run(
                 &principal,
                 "/crm.v1.PaymentService/CreateInvoice",
                 key,
                 &r,
-                || async {
+                || async move {
+                    let r = input;
                     let application_id = non_empty(r.application_id.clone());
-                    self.payments
+                    payments
                         .create_invoice(
                             &r.payer_user_id,
                             application_id.as_deref(),
@@ -141,15 +143,17 @@ impl PaymentService for PaymentApi {
         let (user, actor) = user(&request)?;
         let r = request.into_inner();
         let principal = format!("user:{}", user.id);
+        let (payments, input) = (self.payments.clone(), r.clone());
         self.idempotency
             .run(
                 &principal,
                 "/crm.v1.PaymentService/CreatePayment",
                 key,
                 &r,
-                || async {
+                || async move {
+                    let r = input;
                     let return_url = non_empty(r.return_url.clone());
-                    self.payments
+                    payments
                         .create_payment(
                             &user,
                             &r.invoice_id,
