@@ -123,6 +123,11 @@ async fn pay_with_payme(app: &TestApp, invoice_id: &str, tx: &str) {
     assert_eq!(performed["result"]["state"], 2, "{performed}");
 }
 
+async fn readyz(app: &TestApp) -> u16 {
+    let res = app.http.get(app.url("/readyz")).send().await;
+    res.expect("readyz").status().as_u16()
+}
+
 /// Makes the test's database refuse connections and drops the open ones, as a restart would.
 async fn take_database_down(app: &TestApp, down: bool) {
     let pg = app.pg().expect("pg");
@@ -193,28 +198,12 @@ async fn a_database_outage_under_load_loses_nothing_and_doubles_nothing() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     take_database_down(&app, true).await;
     wait_for_health(&app, ServingStatus::NotServing).await;
-    assert_eq!(
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .expect("readyz")
-            .status(),
-        503
-    );
+    assert_eq!(readyz(&app).await, 503);
     tokio::time::sleep(Duration::from_secs(2)).await;
     take_database_down(&app, false).await;
     // The same pool recovers: no restart.
     wait_for_health(&app, ServingStatus::Serving).await;
-    assert_eq!(
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .expect("readyz")
-            .status(),
-        200
-    );
+    assert_eq!(readyz(&app).await, 200);
     for task in load {
         task.await.expect("load task");
     }
