@@ -76,7 +76,8 @@ impl ApplicationService for ApplicationApi {
         let actor = Actor::from_request(Some(&principal), &ctx);
         let r = request.into_inner();
         let scope = format!("service:{service}");
-        let (applications, service, input) = (self.applications.clone(), service.clone(), r.clone());
+        let (applications, service, input) =
+            (self.applications.clone(), service.clone(), r.clone());
         self.idempotency
             .run(&scope, SUBMIT_ACTION, key, &r, || async move {
                 applications
