@@ -17,3 +17,4 @@ mod staff;
 mod submit;
 mod telemetry;
 mod transport;
+mod web;

@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod legacy;
+pub mod web;
 
 use axum::{
     Router,
@@ -43,6 +44,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        // The web app (web/dist, embedded): the page and its two assets; anything else 404s.
+        .route("/", get(web::index))
+        .route("/app.js", get(web::script))
+        .route("/app.css", get(web::style))
         .layer(middleware::from_fn(refuse_script_queries))
         .with_state(state)
 }
