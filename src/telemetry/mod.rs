@@ -46,6 +46,9 @@ pub fn init(format: LogFormat) -> Telemetry {
             None
         }
     };
+    if tracer_provider.is_some() {
+        otel::set_exporting();
+    }
     let otel_layer = tracer_provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer().with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
     });

@@ -1,6 +1,8 @@
 //! The OTLP trace exporter, configured only by the standard `OTEL_*` variables, and W3C trace
 //! context taken from incoming headers (gRPC metadata are headers too).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{Context as _, bail};
 use opentelemetry::{
     propagation::{Extractor, TextMapPropagator},
@@ -53,8 +55,19 @@ impl Extractor for Headers<'_> {
     }
 }
 
+/// Whether spans are exported (set once at start); without export, trace context is only
+/// read from the `traceparent` header and nothing else is done per request.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+pub(super) fn set_exporting() {
+    EXPORTING.store(true, Ordering::Relaxed);
+}
+
 /// Makes the caller's `traceparent` (if any) the parent of `span`.
 pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !EXPORTING.load(Ordering::Relaxed) || !headers.contains_key("traceparent") {
+        return;
+    }
     let parent = TraceContextPropagator::new().extract(&Headers(headers));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
@@ -63,6 +76,9 @@ pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
 
 /// The trace id of `span` when spans are exported (lower-case hex), else `None`.
 pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return None;
+    }
     let context = span.context();
     let span_context = context.span().span_context().clone();
     span_context

@@ -81,8 +81,13 @@ where
             };
             let refusal = verdict.and_then(|v| v.refusal());
             let mut response = match (refusal, decision) {
-                (Some(rate_limited), _) => rate_limited.into_status().into_http(),
-                (None, Err(unauthenticated)) => unauthenticated.into_status().into_http(),
+                (Some(refused), _) | (None, Err(refused)) => {
+                    let reason = refused.reason();
+                    let mut response = refused.into_status().into_http();
+                    // For the request metrics, which need not decode the status details.
+                    response.extensions_mut().insert(reason);
+                    response
+                }
                 (None, Ok(principal)) => {
                     if let Some(principal) = principal {
                         req.extensions_mut().insert(principal);
