@@ -75,7 +75,7 @@ pub async fn spawn_app_with(backend: Backend, extra: &[(&str, &str)]) -> Option<
         ("CORS_ALLOWED_ORIGINS", ALLOWED_ORIGIN),
         ("DATABASE_POOL_SIZE", "8"),
         ("PAYME_MERCHANT_ID", PAYME_MERCHANT_ID),
-        ("PAYME_SECRET_KEY", "payme-test-key"),
+        ("PAYME_SECRET_KEY", PAYME_TEST_KEY),
         ("CLICK_SERVICE_ID", "3001"),
         ("CLICK_MERCHANT_ID", "4002"),
         ("CLICK_SECRET_KEY", "click-test-secret"),
@@ -109,23 +109,13 @@ pub async fn spawn_app_with(backend: Backend, extra: &[(&str, &str)]) -> Option<
     }
 
     let (addr, state, stop, server) = start(&vars).await;
-    let bot1 = crm_server::auth::ServiceName::parse("bot1").expect("name");
-    let (raw, _) = state
-        .tokens
-        .create(
-            &bot1,
-            "test bot",
-            None,
-            &crm_server::audit::Actor::operator(),
-        )
-        .await
-        .expect("token created");
+    let bot1_token = create_service_token(&state, "bot1").await;
 
     Some(TestApp {
         addr,
         backend,
         state,
-        bot1_token: raw.expose().to_owned(),
+        bot1_token,
         http: reqwest::Client::new(),
         vars,
         stop: Some(stop),
@@ -154,7 +144,52 @@ async fn start(vars: &HashMap<String, String>) -> Started {
     (addr, state, stop, server)
 }
 
+/// A database token for `service`, made through the same store the CLI uses; the raw token.
+async fn create_service_token(state: &AppState, service: &str) -> String {
+    let name = crm_server::auth::ServiceName::parse(service).expect("service name");
+    let (raw, _) = state
+        .tokens
+        .create(
+            &name,
+            "test bot",
+            None,
+            &crm_server::audit::Actor::operator(),
+        )
+        .await
+        .expect("token created");
+    raw.expose().to_owned()
+}
+
+/// Payme's Basic credentials as configured for the tests.
+pub fn payme_basic() -> String {
+    use base64::Engine;
+    let credentials = format!("Paycom:{PAYME_TEST_KEY}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    )
+}
+
 impl TestApp {
+    /// A token of a new service `service` (replicas started later see it at once).
+    pub async fn service_token(&self, service: &str) -> String {
+        create_service_token(&self.state, service).await
+    }
+
+    /// One Payme JSON-RPC call; every Payme answer is HTTP 200.
+    pub async fn payme(&self, authorization: &str, body: serde_json::Value) -> serde_json::Value {
+        let res = self
+            .http
+            .post(self.url("/webhooks/payme"))
+            .header("authorization", authorization)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status(), 200, "Payme reads anything but 200 as -32400");
+        res.json().await.expect("json")
+    }
+
     /// A second server process on the same database, as another replica would be.
     pub async fn replica(&self) -> TestApp {
         let (addr, state, stop, server) = start(&self.vars).await;
@@ -309,6 +344,9 @@ impl TestApp {
         }
     }
 }
+
+/// `PAYME_SECRET_KEY` of the test servers.
+pub const PAYME_TEST_KEY: &str = "payme-test-key";
 
 pub const STAFF_PASSWORD: &str = "staff-password-123";
 

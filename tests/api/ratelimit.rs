@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use crm_server::{
-    auth::{Role, ServiceName},
+    auth::Role,
     proto::{self, payment_service_client::PaymentServiceClient},
 };
 use futures::StreamExt;
@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tonic::{Code, metadata::MetadataMap};
 
 use crate::helpers::{
-    Backend, RedisServer, TestApp, reason, spawn_app_with, with_bearer, with_token,
+    Backend, RedisServer, TestApp, payme_basic, reason, spawn_app_with, with_bearer, with_token,
 };
 
 /// The three `x-ratelimit-*` values of a gRPC answer.
@@ -72,21 +72,9 @@ fn submit_request(phone: &str) -> proto::SubmitApplicationRequest {
 
 /// A token for a service name no other test (or earlier run) uses, so shared Redis buckets
 /// start empty.
-async fn fresh_service_token(app: &TestApp) -> (String, String) {
+async fn fresh_service_token(app: &TestApp) -> String {
     let name = format!("rl{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let service = ServiceName::parse(&name).expect("name");
-    let (raw, _) = app
-        .state
-        .tokens
-        .create(
-            &service,
-            "quota test",
-            None,
-            &crm_server::audit::Actor::operator(),
-        )
-        .await
-        .expect("token");
-    (name, raw.expose().to_owned())
+    app.service_token(&name).await
 }
 
 async fn submit_as(app: &TestApp, token: &str) -> Result<proto::Application, tonic::Status> {
@@ -377,23 +365,6 @@ async fn quotas_can_be_switched_off_but_not_the_transport_limits() {
     app.stop().await;
 }
 
-fn payme_basic() -> String {
-    format!("Basic {}", STANDARD.encode("Paycom:payme-test-key"))
-}
-
-async fn payme(app: &TestApp, auth: &str, body: Value) -> Value {
-    let res = app
-        .http
-        .post(app.url("/webhooks/payme"))
-        .header("authorization", auth)
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(res.status(), 200);
-    res.json().await.expect("json")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticated_provider_calls_are_never_throttled() {
     let app = spawn_app_with(Backend::Sqlite, &[]).await.expect("app");
@@ -414,7 +385,7 @@ async fn authenticated_provider_calls_are_never_throttled() {
     assert_eq!(throttled, 5);
     // 300 Payme calls from the same address within the minute, 20 at a time.
     let basic = payme_basic();
-    let calls = futures::stream::iter(0..300).map(|_| payme(&app, &basic, check.clone()));
+    let calls = futures::stream::iter(0..300).map(|_| app.payme(&basic, check.clone()));
     let answers: Vec<Value> = futures::StreamExt::buffer_unordered(calls, 20)
         .collect()
         .await;
@@ -434,7 +405,7 @@ async fn unauthenticated_webhook_calls_are_limited_per_address_in_the_providers_
     let wrong = format!("Basic {}", STANDARD.encode("Paycom:wrong"));
     for _ in 0..4 {
         assert_eq!(
-            payme(&app, &wrong, ping.clone()).await["error"]["code"],
+            app.payme(&wrong, ping.clone()).await["error"]["code"],
             -32504
         );
     }
@@ -443,7 +414,7 @@ async fn unauthenticated_webhook_calls_are_limited_per_address_in_the_providers_
     // Over the quota: still each provider's own answer, and no audit row (no database work).
     for _ in 0..10 {
         assert_eq!(
-            payme(&app, &wrong, ping.clone()).await["error"]["code"],
+            app.payme(&wrong, ping.clone()).await["error"]["code"],
             -32504
         );
     }
@@ -493,7 +464,7 @@ async fn unauthenticated_webhook_calls_are_limited_per_address_in_the_providers_
             .is_empty()
     );
     // The real Payme, from the same address, is answered as always.
-    let real = payme(&app, &payme_basic(), ping.clone()).await;
+    let real = app.payme(&payme_basic(), ping.clone()).await;
     assert_eq!(real["error"]["code"], -31003, "{real}");
     app.stop().await;
 }
@@ -638,7 +609,7 @@ async fn a_request_past_the_deadline_is_answered_and_the_server_keeps_serving() 
     assert_eq!(rest.status(), 503);
     let check = json!({"method": "CheckPerformTransaction", "id": 3, "params": {"amount": 500_000, "account": {"order_id": invoice}}});
     assert_eq!(
-        payme(&app, &payme_basic(), check.clone()).await["error"]["code"],
+        app.payme(&payme_basic(), check.clone()).await["error"]["code"],
         -32400
     );
 
@@ -647,7 +618,7 @@ async fn a_request_past_the_deadline_is_answered_and_the_server_keeps_serving() 
         .await
         .expect("serving again");
     assert_eq!(
-        payme(&app, &payme_basic(), check).await["result"]["allow"],
+        app.payme(&payme_basic(), check).await["result"]["allow"],
         true
     );
     app.stop().await;
@@ -665,7 +636,7 @@ async fn two_replicas_on_one_redis_share_one_quota() {
         ("RATE_LIMIT_PER_MINUTE", "4"),
     ];
     let a = spawn_app_with(Backend::Sqlite, &vars).await.expect("app");
-    let (_, token) = fresh_service_token(&a).await;
+    let token = fresh_service_token(&a).await;
     let b = a.replica().await;
     assert!(a.state.limiter.using_redis() && b.state.limiter.using_redis());
     for app in [&a, &b, &a, &b] {
@@ -702,7 +673,7 @@ async fn losing_redis_falls_back_to_local_buckets_and_comes_back() {
     )
     .await
     .expect("app");
-    let (_, token) = fresh_service_token(&app).await;
+    let token = fresh_service_token(&app).await;
     assert!(app.state.limiter.using_redis());
     for _ in 0..3 {
         submit_as(&app, &token).await.expect("within quota");

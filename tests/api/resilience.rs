@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use base64::{Engine, engine::general_purpose::STANDARD};
 use crm_server::{
     db::entities::{application, invoice, payment, provider_transaction},
     proto::{self, payment_service_client::PaymentServiceClient},
@@ -19,7 +18,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::{
-    helpers::{Backend, TestApp, reason, spawn_app_with, with_bearer, with_token},
+    helpers::{Backend, TestApp, payme_basic, reason, spawn_app_with, with_bearer, with_token},
     transport::wait_for_health,
 };
 
@@ -79,10 +78,6 @@ async fn submit_until_acknowledged(app: &TestApp, phone: &str, key: &str) -> Str
     }
 }
 
-fn payme_auth() -> String {
-    format!("Basic {}", STANDARD.encode("Paycom:payme-test-key"))
-}
-
 /// One Payme call, repeated (as Payme does) while the answer is -32400 or the connection fails.
 async fn payme_until_answered(app: &TestApp, method: &str, params: Value) -> Value {
     let deadline = tokio::time::Instant::now() + RETRY_FOR;
@@ -90,7 +85,7 @@ async fn payme_until_answered(app: &TestApp, method: &str, params: Value) -> Val
         let sent = app
             .http
             .post(app.url("/webhooks/payme"))
-            .header("authorization", payme_auth())
+            .header("authorization", payme_basic())
             .json(&json!({"method": method, "params": params, "id": 1}))
             .send()
             .await;
