@@ -310,6 +310,39 @@ impl AppError {
     }
 }
 
+/// Built RATE_LIMITED answers by whole seconds to wait: quotas are per minute, so a wait is
+/// at most 60 s.
+static RATE_LIMITED_ANSWERS: [std::sync::OnceLock<http::HeaderMap>; 61] =
+    [const { std::sync::OnceLock::new() }; 61];
+
+impl AppError {
+    /// The trailers-only gRPC answer of a refusal. A RATE_LIMITED answer depends only on its
+    /// whole seconds to wait, so each is built once and then copied: a flood over quota is
+    /// answered for the price of copying a header map.
+    pub fn into_grpc_response<B: Default>(self) -> http::Response<B> {
+        if let Self::RetryLater {
+            reason: Reason::RateLimited,
+            retry_after,
+        } = &self
+        {
+            let secs = crate::ratelimit::ceil_secs(*retry_after);
+            if let Some(slot) = RATE_LIMITED_ANSWERS.get(secs as usize) {
+                let headers = slot.get_or_init(|| {
+                    let whole = AppError::RetryLater {
+                        reason: Reason::RateLimited,
+                        retry_after: Duration::from_secs(secs),
+                    };
+                    whole.into_status().into_http::<()>().into_parts().0.headers
+                });
+                let mut response = http::Response::new(B::default());
+                *response.headers_mut() = headers.clone();
+                return response;
+            }
+        }
+        self.into_status().into_http()
+    }
+}
+
 impl From<AppError> for tonic::Status {
     fn from(err: AppError) -> Self {
         err.into_status()

@@ -5,16 +5,15 @@
 use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use axum::{
-    Router,
-    response::{IntoResponse, Response},
-};
+use axum::response::{IntoResponse, Response};
 use http::{HeaderName, HeaderValue, Method};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tonic_web::{GrpcWebLayer, GrpcWebService};
+use tower::Layer;
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 
 use crate::{
     applications::{Applications, Catalog},
@@ -35,9 +34,13 @@ use crate::{
     ratelimit::RateLimiter,
     state::AppState,
     transport::{
-        context::ContextLayer,
+        context::{ContextLayer, ContextService},
+        dispatch::Dispatch,
         grpc::{
-            application::ApplicationApi, auth::AuthApi, guard::GuardLayer, payment::PaymentApi,
+            application::ApplicationApi,
+            auth::AuthApi,
+            guard::{Guard, GuardLayer},
+            payment::PaymentApi,
         },
         limits, rest,
     },
@@ -84,7 +87,7 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: AppState,
-    router: Router,
+    service: AppService,
     health: HealthReporter,
     audit_writer: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
@@ -159,7 +162,7 @@ impl Application {
         );
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        let router = build_router(
+        let service = build_service(
             &state,
             health_service,
             ApplicationApi::new(applications, idempotency.clone(), stop_rx.clone()),
@@ -177,6 +180,7 @@ impl Application {
                 state.clone(),
                 stop_rx.clone(),
             )),
+            tokio::spawn(crate::telemetry::metrics::run_upkeep(stop_rx.clone())),
             tokio::spawn(probe_database(state.clone(), health.clone(), stop_rx)),
         ];
         background.extend(listeners);
@@ -189,7 +193,7 @@ impl Application {
             listener,
             local_addr,
             state,
-            router,
+            service,
             health,
             audit_writer,
             background,
@@ -245,7 +249,7 @@ impl Application {
             .load_shed(true)
             .http2_max_header_list_size(Some(limits::MAX_HEADER_BYTES as u32))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .serve_with_incoming_shutdown(self.router, incoming, shutdown_signal);
+            .serve_with_incoming_shutdown(self.service, incoming, shutdown_signal);
         tokio::pin!(server);
 
         let result = tokio::select! {
@@ -271,7 +275,13 @@ impl Application {
     }
 }
 
-fn build_router(
+/// The gRPC stack: CORS when configured, gRPC-web translation, the guard, tonic's routes.
+type GrpcService = GrpcWebService<Guard<tonic::service::Routes>>;
+
+/// Everything the listener serves, under the one context layer (`transport::context`).
+pub type AppService = ContextService<Dispatch<tower::util::Either<Cors<GrpcService>, GrpcService>>>;
+
+fn build_service(
     state: &AppState,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -279,7 +289,7 @@ fn build_router(
     applications: ApplicationApi,
     auth: AuthApi,
     payments: PaymentApi,
-) -> anyhow::Result<Router> {
+) -> anyhow::Result<AppService> {
     let settings = &state.settings;
     let max_message = settings.grpc_max_message_bytes;
     let mut routes = tonic::service::Routes::new(
@@ -312,31 +322,22 @@ fn build_router(
         routes = routes.add_service(reflection);
     }
 
-    // Innermost first: the guard (auth, then quotas) sees native gRPC (gRPC-web is already translated), and CORS
-    // answers preflights before anything else. Only the gRPC routes get these layers:
-    // tonic-web would answer plain HTTP/1.1 REST calls with 400.
-    let mut grpc = routes
-        .into_axum_router()
-        .layer(GuardLayer::new(state.auth.clone(), state.limiter.clone()))
-        .layer(tonic_web::GrpcWebLayer::new());
-    if let Some(cors) = cors_layer(&settings.cors_allowed_origins) {
-        grpc = grpc.layer(cors);
-    }
-
-    Ok(grpc
-        .merge(rest::router(state.clone()))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            settings.request_timeout,
-            limits::enforce,
-        ))
-        .layer(axum::middleware::from_fn(
-            crate::telemetry::metrics::record_requests,
-        ))
-        .layer(ContextLayer::new(
-            settings.trusted_proxies.clone(),
-            settings.is_production(),
-        )))
+    // Innermost first: the guard (auth, then quotas) sees native gRPC (gRPC-web is already
+    // translated), and CORS answers preflights before anything else. Only gRPC paths get
+    // these layers: tonic-web would answer plain HTTP/1.1 REST calls with 400.
+    let grpc = GrpcWebLayer::new()
+        .layer(GuardLayer::new(state.auth.clone(), state.limiter.clone()).layer(routes.prepare()));
+    let grpc = match cors_layer(&settings.cors_allowed_origins) {
+        Some(cors) => tower::util::Either::Left(cors.layer(grpc)),
+        None => tower::util::Either::Right(grpc),
+    };
+    let rest = rest::router(state.clone()).fallback(not_found);
+    Ok(ContextLayer::new(
+        settings.trusted_proxies.clone(),
+        settings.is_production(),
+        settings.request_timeout,
+    )
+    .layer(Dispatch::new(grpc, rest)))
 }
 
 /// Unknown paths: a gRPC caller gets UNIMPLEMENTED, anyone else a JSON 404.

@@ -13,6 +13,7 @@ use crate::{
     },
     audit::{self, Actor, AuditEvent},
     auth::{Principal, ServiceName},
+    db::Uncommitted,
     error::{AppError, Reason},
     paging,
 };
@@ -53,6 +54,19 @@ impl Applications {
         actor: &Actor,
         input: SubmitInput,
     ) -> Result<Application, AppError> {
+        self.submit_uncommitted(source, actor, input)
+            .await?
+            .commit()
+            .await
+    }
+
+    /// As [`Self::submit`], with the transaction left open for the caller to add to.
+    pub async fn submit_uncommitted(
+        &self,
+        source: &ServiceName,
+        actor: &Actor,
+        input: SubmitInput,
+    ) -> Result<Uncommitted<Application>, AppError> {
         let app = Application::from_submit(
             input,
             source.as_str(),
@@ -68,13 +82,14 @@ impl Applications {
         self.events
             .announce(&txn, &events::notice(EventKind::Created, &app.id))
             .await?;
-        txn.commit().await?;
-        tracing::info!(application = %app.id, source = %app.source, "application submitted");
-        self.events.committed(ApplicationEvent {
-            kind: EventKind::Created,
-            application: app.clone(),
-        });
-        Ok(app)
+        let (events, submitted) = (self.events.clone(), app.clone());
+        Ok(Uncommitted::new(txn, app).on_commit(move || {
+            tracing::info!(application = %submitted.id, source = %submitted.source, "application submitted");
+            events.committed(ApplicationEvent {
+                kind: EventKind::Created,
+                application: submitted,
+            });
+        }))
     }
 
     /// Staff see every application; a service sees only those it submitted. Anything else is

@@ -29,24 +29,28 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// Verifies an `x-service-token` value. Refusals are audited (in the background).
-    pub fn service(
-        &self,
-        raw: Option<&str>,
-        action: &str,
-        ctx: &RequestContext,
-    ) -> Result<ServiceName, AppError> {
-        let result = match raw {
+    /// Verifies an `x-service-token` value. A refusal is not audited here: the caller audits
+    /// it ([`Self::audit_token_refusal`]) once it knows the request is within its quota, so a
+    /// flood over quota costs no database work.
+    pub fn verify_service(&self, raw: Option<&str>) -> Result<ServiceName, AppError> {
+        match raw {
             None => Err(AppError::refused(
                 Reason::ServiceTokenRequired,
                 "x-service-token is required",
             )),
             Some(raw) => self.tokens.verify(raw, Utc::now()).map(|v| v.service),
-        };
-        if let Err(e) = &result {
-            self.audit_refusal(action, e.reason(), ctx);
         }
-        result
+    }
+
+    /// Audits a refused service-token attempt (security.md: authentication events), a bot
+    /// method called with no token at all included; other refusals are not audited.
+    pub fn audit_token_refusal(&self, action: &str, refused: &AppError, ctx: &RequestContext) {
+        if matches!(
+            refused.reason(),
+            Reason::ServiceTokenRequired | Reason::ServiceTokenInvalid
+        ) {
+            self.audit_refusal(action, refused.reason(), ctx);
+        }
     }
 
     pub fn audit_refusal(&self, action: &str, reason: Reason, ctx: &RequestContext) {
@@ -67,31 +71,24 @@ impl Authenticator {
         self.accounts.authenticate(token).map(Principal::User)
     }
 
-    /// Decides a gRPC call from its path and headers.
+    /// Decides a gRPC call from its path and headers. Refusals are audited by the caller
+    /// ([`Self::audit_token_refusal`]) once the call is known to be within its quota.
     pub fn decide<B>(&self, req: &Request<B>) -> Result<Option<Principal>, AppError> {
         let path = req.uri().path();
         let access = policy::access_for(path);
         let headers = req.headers();
         let credential = if let Some(value) = headers.get(SERVICE_TOKEN_HEADER) {
-            let ctx = RequestContext::of(req);
             let raw = value.to_str().unwrap_or_default();
             if access == policy::Access::Public {
                 Credential::None
             } else {
-                Credential::Service(self.service(Some(raw), path, &ctx).map(Principal::Service))
+                Credential::Service(self.verify_service(Some(raw)).map(Principal::Service))
             }
         } else if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             Credential::Bearer(self.bearer(value.to_str().unwrap_or_default()))
         } else {
             Credential::None
         };
-        let decision = policy::authorize(access, credential);
-        if let Err(e) = &decision {
-            // A bot method called with no token at all is a refused service-token attempt too.
-            if e.reason() == Reason::ServiceTokenRequired {
-                self.audit_refusal(path, e.reason(), &RequestContext::of(req));
-            }
-        }
-        decision
+        policy::authorize(access, credential)
     }
 }

@@ -1,6 +1,9 @@
 //! The database: connecting (SQLite or PostgreSQL), migrating, and classifying errors.
 
 pub mod entities;
+mod uncommitted;
+
+pub use uncommitted::Uncommitted;
 
 use std::{path::Path, time::Duration};
 

@@ -12,14 +12,15 @@ use std::{future::Future, sync::Arc, time::Duration};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use prost::Message;
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, Set, sea_query::OnConflict,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, Set,
+    sea_query::OnConflict,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tonic::metadata::{MetadataMap, MetadataValue};
 
 use crate::{
-    db::{self, entities::idempotency_key as row},
+    db::{self, Uncommitted, entities::idempotency_key as row},
     error::{AppError, FieldViolation, Reason},
 };
 
@@ -146,11 +147,14 @@ impl Idempotency {
         Self { db }
     }
 
-    /// Runs `work` once per (principal, method, key); without a key, simply runs it.
+    /// Runs `work` once per (principal, method, key); without a key, simply runs it and
+    /// commits its change.
     ///
     /// With a key, the claim, the work and the stored answer run in a task of their own, so a
     /// caller that goes away mid-call cannot leave the key locked (its retry would wait for the
-    /// lock to go stale) or the work half-answered.
+    /// lock to go stale) or the work half-answered. A successful answer is stored in the
+    /// work's own transaction: the change and its answer are committed together, so no crash
+    /// can leave a change without the answer that stops its retry from running again.
     pub async fn run<Req, Resp, Fut>(
         &self,
         principal: &str,
@@ -162,10 +166,11 @@ impl Idempotency {
     where
         Req: Message,
         Resp: Message + Default + Send + 'static,
-        Fut: Future<Output = Result<Resp, AppError>> + Send + 'static,
+        Fut: Future<Output = Result<Uncommitted<Resp>, AppError>> + Send + 'static,
     {
         let Some(key) = key else {
-            return work().await.map(tonic::Response::new).map_err(Into::into);
+            let answer = async { work().await?.commit().await }.await;
+            return answer.map(tonic::Response::new).map_err(Into::into);
         };
         let fingerprint = hex::encode(Sha256::digest(request.encode_to_vec()));
         let this = self.clone();
@@ -190,7 +195,7 @@ impl Idempotency {
     ) -> Result<tonic::Response<Resp>, tonic::Status>
     where
         Resp: Message + Default,
-        Fut: Future<Output = Result<Resp, AppError>>,
+        Fut: Future<Output = Result<Uncommitted<Resp>, AppError>>,
     {
         let method = scope.1;
         match self.claim(scope, fingerprint).await? {
@@ -214,12 +219,33 @@ impl Idempotency {
                 }
             }
             Claim::Fresh => match work().await {
-                Ok(message) => {
+                Ok(change) => {
                     let stored = Stored::Ok {
-                        message: STANDARD.encode(message.encode_to_vec()),
+                        message: STANDARD.encode(change.value().encode_to_vec()),
                     };
-                    self.settle(scope, Some(&stored)).await;
-                    Ok(tonic::Response::new(message))
+                    let Some(txn) = change.transaction() else {
+                        // Nothing to commit (an existing result): store the answer alone.
+                        self.settle(scope, Some(&stored)).await;
+                        return change
+                            .commit()
+                            .await
+                            .map(tonic::Response::new)
+                            .map_err(Into::into);
+                    };
+                    let committed = match self.finish(txn, scope, &stored).await {
+                        Ok(()) => change.commit().await,
+                        Err(e) => {
+                            drop(change); // rolled back, before the release below
+                            Err(e)
+                        }
+                    };
+                    if committed.is_err() {
+                        // The change and its answer committed together or not at all. The
+                        // release removes only an unanswered key, so if a failed-looking
+                        // commit did land, a retry replays its answer.
+                        self.settle(scope, None).await;
+                    }
+                    committed.map(tonic::Response::new).map_err(Into::into)
                 }
                 Err(e) if e.is_final() => {
                     self.settle(scope, Some(&Stored::of_error(&e))).await;
@@ -245,7 +271,7 @@ impl Idempotency {
         let mut delay = Duration::from_millis(100);
         loop {
             let result = match answer {
-                Some(stored) => self.finish(scope, stored).await,
+                Some(stored) => self.finish(&self.db, scope, stored).await,
                 None => self.release(scope).await.map_err(AppError::from),
             };
             match result {
@@ -329,8 +355,10 @@ impl Idempotency {
         }
     }
 
+    /// Stores the answer of a claimed key, through `conn` (the work's transaction, or the pool).
     async fn finish(
         &self,
+        conn: &impl ConnectionTrait,
         (principal, method, key): (&str, &str, &str),
         stored: &Stored,
     ) -> Result<(), AppError> {
@@ -340,7 +368,7 @@ impl Idempotency {
             .filter(row::Column::Principal.eq(principal))
             .filter(row::Column::Method.eq(method))
             .filter(row::Column::Key.eq(key))
-            .exec(&self.db)
+            .exec(conn)
             .await?;
         Ok(())
     }

@@ -15,7 +15,7 @@ use crate::{
     auth::UserPrincipal,
     config::Settings,
     db::{
-        self,
+        self, Uncommitted,
         entities::{application, invoice, payment, user},
     },
     error::{AppError, Reason},
@@ -107,6 +107,8 @@ impl Payments {
         &self.events
     }
 
+    /// A new invoice, with its audit row, in a transaction left open for the caller to add to
+    /// (the idempotent answer) and commit.
     pub async fn create_invoice(
         &self,
         payer_user_id: &str,
@@ -114,7 +116,7 @@ impl Payments {
         amount_tiyin: i64,
         description: &str,
         actor: &Actor,
-    ) -> Result<Invoice, AppError> {
+    ) -> Result<Uncommitted<Invoice>, AppError> {
         let mut v = Violations::default();
         let payer = match uuid::Uuid::try_parse(payer_user_id) {
             Ok(_) => {
@@ -182,8 +184,7 @@ impl Payments {
             )
             .write(&txn)
             .await?;
-        txn.commit().await?;
-        Ok(Invoice::try_from(model)?)
+        Ok(Uncommitted::new(txn, Invoice::try_from(model)?))
     }
 
     /// The invoice if the caller may see it.
@@ -234,7 +235,8 @@ impl Payments {
     }
 
     /// A payment for the caller's invoice. A second call while one is PENDING for the same
-    /// invoice and provider returns that one (the unique pending key settles races).
+    /// invoice and provider returns that one (the unique pending key settles races). A new
+    /// payment comes in a transaction left open for the caller to add to and commit.
     pub async fn create_payment(
         &self,
         caller: &UserPrincipal,
@@ -242,7 +244,7 @@ impl Payments {
         provider: Provider,
         return_url: Option<&str>,
         actor: &Actor,
-    ) -> Result<Payment, AppError> {
+    ) -> Result<Uncommitted<Payment>, AppError> {
         if let Some(url) = return_url {
             checkout::validate_return_url(url)?;
         }
@@ -261,7 +263,7 @@ impl Payments {
             return_url,
         )?;
         if let Some(existing) = self.pending(&self.db, &invoice.id, provider).await? {
-            return Ok(existing);
+            return Ok(Uncommitted::settled(existing));
         }
         let now = db::now();
         let row = payment::ActiveModel {
@@ -285,6 +287,7 @@ impl Payments {
                 return self
                     .pending(&self.db, &invoice.id, provider)
                     .await?
+                    .map(Uncommitted::settled)
                     .ok_or_else(|| invalid_state("the invoice changed meanwhile; retry"));
             }
             Err(e) => return Err(e.into()),
@@ -295,10 +298,9 @@ impl Payments {
             .write(&txn)
             .await?;
         self.events.announce(&txn, &notice(&model.id)).await?;
-        txn.commit().await?;
         let payment = Payment::try_from(model)?;
-        self.committed(payment.clone());
-        Ok(payment)
+        let (this, created) = (self.clone(), payment.clone());
+        Ok(Uncommitted::new(txn, payment).on_commit(move || this.committed(created)))
     }
 
     async fn pending<C: ConnectionTrait>(

@@ -127,19 +127,20 @@ impl Verdict {
 
     /// The `x-ratelimit-*` headers (and `retry-after` on a refusal), in whole seconds.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
+        use crate::transport::context::never_indexed;
         headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
         headers.insert(
             X_RATELIMIT_REMAINING.clone(),
-            HeaderValue::from(self.remaining),
+            never_indexed(HeaderValue::from(self.remaining)),
         );
         headers.insert(
             X_RATELIMIT_RESET.clone(),
-            HeaderValue::from(ceil_secs(self.reset)),
+            never_indexed(HeaderValue::from(ceil_secs(self.reset))),
         );
         if let Some(wait) = self.retry_after {
             headers.insert(
                 http::header::RETRY_AFTER,
-                HeaderValue::from(ceil_secs(wait)),
+                never_indexed(HeaderValue::from(ceil_secs(wait))),
             );
         }
     }
@@ -151,6 +152,22 @@ impl Verdict {
             retry_after,
         })
     }
+}
+
+/// A check's answer: decided now, or to be asked of Redis ([`RateLimiter::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// `None` when quotas are off.
+    Now(Option<Verdict>),
+    AskRedis,
+}
+
+/// Counts a refusal in the metrics.
+fn counted(scope: Scope, verdict: Verdict) -> Verdict {
+    if !verdict.allowed() {
+        crate::telemetry::metrics::rate_limited(scope);
+    }
+    verdict
 }
 
 /// Whole seconds, rounded up: waiting that long is always enough.
@@ -210,20 +227,29 @@ impl RateLimiter {
 
     /// Counts one request against `scope` for `subject`. `None` when quotas are off.
     pub async fn check(&self, scope: Scope, subject: &str) -> Option<Verdict> {
-        let verdict = self.decide(scope, subject).await?;
-        if !verdict.allowed() {
-            crate::telemetry::metrics::rate_limited(scope);
+        match self.check_now(scope, subject) {
+            Checked::Now(verdict) => verdict,
+            Checked::AskRedis => self.check_redis(scope, subject).await,
         }
-        Some(verdict)
     }
 
-    async fn decide(&self, scope: Scope, subject: &str) -> Option<Verdict> {
+    /// Decides without waiting when it can (memory buckets, or quotas off): the request path
+    /// then needs no future of its own for the check.
+    pub fn check_now(&self, scope: Scope, subject: &str) -> Checked {
+        let Some(inner) = self.inner.as_ref() else {
+            return Checked::Now(None);
+        };
+        if inner.redis.is_some() && inner.redis_up.load(Ordering::Relaxed) {
+            return Checked::AskRedis;
+        }
+        Checked::Now(Some(counted(scope, inner.local.check(scope, subject))))
+    }
+
+    async fn check_redis(&self, scope: Scope, subject: &str) -> Option<Verdict> {
         let inner = self.inner.as_ref()?;
-        if let Some(redis) = &inner.redis
-            && inner.redis_up.load(Ordering::Relaxed)
-        {
+        if let Some(redis) = &inner.redis {
             match redis.check(scope, subject).await {
-                Ok(verdict) => return Some(verdict),
+                Ok(verdict) => return Some(counted(scope, verdict)),
                 Err(e) => {
                     if inner.redis_up.swap(false, Ordering::Relaxed) {
                         tracing::warn!(error = %e, "Redis rate limiting failed; falling back to local buckets");
@@ -231,7 +257,7 @@ impl RateLimiter {
                 }
             }
         }
-        Some(inner.local.check(scope, subject))
+        Some(counted(scope, inner.local.check(scope, subject)))
     }
 
     /// Whether checks currently go to Redis (false with the memory backend).

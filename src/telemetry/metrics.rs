@@ -6,15 +6,16 @@
 //! statuses are enums.
 
 use std::{
-    collections::HashSet,
-    sync::{LazyLock, OnceLock},
-    time::Instant,
+    collections::{HashMap, HashSet},
+    sync::{LazyLock, OnceLock, RwLock},
+    time::{Duration, Instant},
 };
 
-use axum::{extract::Request, middleware::Next, response::Response};
+use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use prost::Message;
 use sea_orm::DatabaseConnection;
+use tracing::Span;
 
 use crate::{error::Reason, ratelimit::Scope};
 
@@ -42,6 +43,21 @@ pub fn install() -> anyhow::Result<()> {
         metrics::gauge!("crm_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     }
     Ok(())
+}
+
+/// How often histogram samples are folded into their buckets when nobody scrapes: the
+/// recorder keeps raw samples until then, so without it memory grows with traffic.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs the recorder's upkeep every [`UPKEEP_EVERY`] until shutdown.
+pub async fn run_upkeep(shutdown: tokio::sync::watch::Receiver<bool>) {
+    crate::background::every(UPKEEP_EVERY, "metrics upkeep", shutdown, || async {
+        if let Some(handle) = HANDLE.get() {
+            handle.run_upkeep();
+        }
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .await;
 }
 
 /// The text exposition, with the database pool gauges read now.
@@ -73,14 +89,10 @@ fn pool_usage(db: &DatabaseConnection) -> (u32, u32) {
     }
 }
 
-/// Axum middleware: one count and one latency sample per request, by method and outcome.
-/// Streams are timed until their headers are sent.
-pub async fn record_requests(req: Request, next: Next) -> Response {
-    let method = method_label(req.uri().path());
-    let started = Instant::now();
-    let response = next.run(req).await;
-    let outcome = outcome(&response);
-    let span = tracing::Span::current();
+/// One count and one latency sample for an answered request, by method and outcome, and the
+/// outcome on the request's span. Streams are timed until their headers are sent.
+pub fn record_request(method: &'static str, started: Instant, response: &Response, span: &Span) {
+    let outcome = outcome(response);
     span.record("outcome", outcome);
     match response
         .headers()
@@ -93,9 +105,73 @@ pub async fn record_requests(req: Request, next: Next) -> Response {
     if outcome != "OK" {
         span.record("otel.status_code", "ERROR");
     }
-    metrics::counter!(REQUESTS, "method" => method, "outcome" => outcome).increment(1);
-    metrics::histogram!(DURATION, "method" => method).record(started.elapsed().as_secs_f64());
-    response
+    let elapsed = started.elapsed().as_secs_f64();
+    match series(method) {
+        Some(series) => {
+            series.duration.record(elapsed);
+            match outcome {
+                "OK" => series.ok.increment(1),
+                _ => series.refused(method, outcome).increment(1),
+            }
+        }
+        None => {
+            metrics::counter!(REQUESTS, "method" => method, "outcome" => outcome).increment(1);
+            metrics::histogram!(DURATION, "method" => method).record(elapsed);
+        }
+    }
+}
+
+/// The series every answer of a method touches, registered on its first answer rather than
+/// looked up in the registry on each (this runs on every request).
+struct MethodSeries {
+    ok: metrics::Counter,
+    duration: metrics::Histogram,
+    /// The other outcomes seen so far (a handful per method).
+    refused: RwLock<Vec<(&'static str, metrics::Counter)>>,
+}
+
+impl MethodSeries {
+    fn refused(&self, method: &'static str, outcome: &'static str) -> metrics::Counter {
+        let seen = |list: &[(&'static str, metrics::Counter)]| {
+            list.iter()
+                .find(|(o, _)| *o == outcome)
+                .map(|(_, c)| c.clone())
+        };
+        if let Some(counter) = self.refused.read().ok().and_then(|list| seen(&list)) {
+            return counter;
+        }
+        let counter = metrics::counter!(REQUESTS, "method" => method, "outcome" => outcome);
+        if let Ok(mut list) = self.refused.write()
+            && seen(&list).is_none()
+        {
+            list.push((outcome, counter.clone()));
+        }
+        counter
+    }
+}
+
+/// One slot per bounded method label. Filled only by answered requests, which come after
+/// [`install`], so no slot holds a handle of the no-op recorder.
+static SERIES: LazyLock<HashMap<&'static str, OnceLock<MethodSeries>>> = LazyLock::new(|| {
+    GRPC_METHODS
+        .iter()
+        .copied()
+        .chain(REST_LABELS.iter().map(|(_, label)| *label))
+        .chain(PREFIX_LABELS.iter().map(|(_, label)| *label))
+        .chain([OTHER])
+        .map(|label| (label, OnceLock::new()))
+        .collect()
+});
+
+fn series(method: &'static str) -> Option<&'static MethodSeries> {
+    // Before `install` (a unit test), handles would stay no-ops forever: do not keep them.
+    HANDLE.get()?;
+    let slot = SERIES.get(method)?;
+    Some(slot.get_or_init(|| MethodSeries {
+        ok: metrics::counter!(REQUESTS, "method" => method, "outcome" => "OK"),
+        duration: metrics::histogram!(DURATION, "method" => method),
+        refused: RwLock::default(),
+    }))
 }
 
 /// "OK", or the error reason of the answer (from the REST error, or from the gRPC status
@@ -148,39 +224,51 @@ static GRPC_METHODS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
     methods
 });
 
+/// REST routes by exact path, and their labels.
+const REST_LABELS: &[(&str, &str)] = &[
+    ("/webhooks/payme", "/webhooks/payme"),
+    ("/webhooks/click/prepare", "/webhooks/click/prepare"),
+    ("/webhooks/click/complete", "/webhooks/click/complete"),
+    ("/healthz", "/healthz"),
+    ("/readyz", "/readyz"),
+    ("/metrics", "/metrics"),
+];
+
+/// Route families by path prefix, and their labels.
+const PREFIX_LABELS: &[(&str, &str)] = &[
+    ("/webhooks/uzum/", "/webhooks/uzum/{action}"),
+    ("/api/v1/", "/api/v1/{service}/application"),
+    ("/grpc.health.v1.Health/", "/grpc.health.v1.Health"),
+    ("/grpc.reflection.", "/grpc.reflection"),
+];
+
+const OTHER: &str = "other";
+
 /// A bounded label for a path: a served gRPC method, a REST route template, or "other".
 pub fn method_label(path: &str) -> &'static str {
-    const REST: &[(&str, &str)] = &[
-        ("/webhooks/payme", "/webhooks/payme"),
-        ("/webhooks/click/prepare", "/webhooks/click/prepare"),
-        ("/webhooks/click/complete", "/webhooks/click/complete"),
-        ("/healthz", "/healthz"),
-        ("/readyz", "/readyz"),
-        ("/metrics", "/metrics"),
-    ];
     if let Some(known) = GRPC_METHODS.get(path) {
         return known;
     }
-    if let Some((_, label)) = REST.iter().find(|(p, _)| *p == path) {
+    if let Some((_, label)) = REST_LABELS.iter().find(|(p, _)| *p == path) {
         return label;
     }
-    if path.starts_with("/webhooks/uzum/") {
-        return "/webhooks/uzum/{action}";
-    }
-    if path.starts_with("/api/v1/") && path.ends_with("/application") {
-        return "/api/v1/{service}/application";
-    }
-    if path.starts_with("/grpc.health.v1.Health/") {
-        return "/grpc.health.v1.Health";
-    }
-    if path.starts_with("/grpc.reflection.") {
-        return "/grpc.reflection";
-    }
-    "other"
+    let legacy = |p: &str| !p.starts_with("/api/v1/") || p.ends_with("/application");
+    PREFIX_LABELS
+        .iter()
+        .find(|(prefix, _)| path.starts_with(prefix) && legacy(path))
+        .map_or(OTHER, |(_, label)| label)
 }
 
 pub fn rate_limited(scope: Scope) {
-    metrics::counter!("crm_rate_limited_total", "scope" => scope.as_str()).increment(1);
+    static BY_SCOPE: [OnceLock<metrics::Counter>; Scope::ALL.len()] =
+        [const { OnceLock::new() }; Scope::ALL.len()];
+    if HANDLE.get().is_none() {
+        // Not installed (a unit test): nothing to keep a handle of.
+        return;
+    }
+    BY_SCOPE[scope as usize]
+        .get_or_init(|| metrics::counter!("crm_rate_limited_total", "scope" => scope.as_str()))
+        .increment(1);
 }
 
 pub fn webhook_call(provider: &'static str, result: &str) {
@@ -218,5 +306,10 @@ mod tests {
             "/webhooks/uzum/{action}"
         );
         assert_eq!(method_label("/random"), "other");
+        assert_eq!(method_label("/api/v1/bot1/other"), "other");
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health"
+        );
     }
 }

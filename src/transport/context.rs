@@ -1,17 +1,28 @@
-//! Per-request context every transport shares: request id, client address, trace id, and the
-//! HTTP security headers. Set by one outer layer before anything else runs.
+//! The one outer layer every request passes first, whatever the protocol: it gives the request
+//! its context (request id, client address, trace id) and its span, enforces the transport
+//! limits (header size, deadline), counts the answer in the metrics and adds the request id and
+//! the HTTP security headers. One layer, one boxed future per request: this is the hot path.
 
 use std::{
+    convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
+use axum::body::Body;
+use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use ipnet::IpNet;
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Instrument;
+
+use crate::{
+    telemetry::metrics,
+    transport::limits::{self, Exceeded, MAX_HEADER_BYTES},
+};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -35,6 +46,13 @@ impl RequestContext {
             .unwrap_or_else(Self::unknown)
     }
 
+    /// The client address alone, without copying the whole context.
+    pub fn client_ip_of<B>(req: &Request<B>) -> IpAddr {
+        req.extensions()
+            .get::<RequestContext>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |ctx| ctx.client_ip)
+    }
+
     pub fn unknown() -> Self {
         Self {
             request_id: uuid::Uuid::new_v4().to_string(),
@@ -49,13 +67,16 @@ impl RequestContext {
 pub struct ContextLayer {
     trusted_proxies: Arc<[IpNet]>,
     production: bool,
+    /// `REQUEST_TIMEOUT_SECONDS`: until the answer's headers are sent.
+    deadline: Duration,
 }
 
 impl ContextLayer {
-    pub fn new(trusted_proxies: Vec<IpNet>, production: bool) -> Self {
+    pub fn new(trusted_proxies: Vec<IpNet>, production: bool, deadline: Duration) -> Self {
         Self {
             trusted_proxies: trusted_proxies.into(),
             production,
+            deadline,
         }
     }
 }
@@ -76,21 +97,30 @@ pub struct ContextService<S> {
     layer: ContextLayer,
 }
 
-impl<S, B, RB> Service<Request<B>> for ContextService<S>
+impl<S, B> Service<Request<B>> for ContextService<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
     S::Future: Send + 'static,
 {
-    type Response = Response<RB>;
-    type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<Response<RB>, S::Error>>;
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let received_at = chrono::Utc::now();
+        let started = Instant::now();
+        let path = req.uri().path();
+        let method = metrics::method_label(path);
+        // Only provider routes answer refusals in a format that depends on the path.
+        let provider_path = path.starts_with("/webhooks/").then(|| path.to_owned());
+        let headers = req.headers();
+        let is_grpc = headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let oversized = limits::header_bytes(headers) > MAX_HEADER_BYTES;
         let peer = req
             .extensions()
             .get::<TcpConnectInfo>()
@@ -102,42 +132,72 @@ where
             })
             .map(|a| a.ip())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let headers = req.headers();
         let mut ctx = RequestContext {
             request_id: request_id(headers),
             client_ip: client_ip(peer, headers, &self.layer.trusted_proxies),
             trace_id: trace_id(headers),
-            received_at,
+            received_at: chrono::Utc::now(),
         };
-        let span = request_span(&req, &mut ctx);
-        let request_id = HeaderValue::from_str(&ctx.request_id).ok();
+        let span = request_span(method, &req, &mut ctx);
+        let request_id = HeaderValue::from_str(&ctx.request_id)
+            .ok()
+            .map(never_indexed);
         req.extensions_mut().insert(ctx);
-        let production = self.layer.production;
-        let fut = span.in_scope(|| self.inner.call(req));
+        let (production, deadline) = (self.layer.production, self.layer.deadline);
+        let answer = (!oversized).then(|| span.in_scope(|| self.inner.call(req)));
+        let request_span = span.clone();
         Box::pin(
             async move {
-                let mut res = fut.await?;
-                let headers = res.headers_mut();
+                let exceeded = match answer {
+                    None => Err(Exceeded::HeaderSize),
+                    Some(answer) => match tokio::time::timeout(deadline, answer).await {
+                        Ok(Ok(response)) => Ok(response),
+                        Ok(Err(never)) => match never {},
+                        Err(_) => {
+                            tracing::warn!(method, ?deadline, "request deadline exceeded");
+                            Err(Exceeded::Deadline)
+                        }
+                    },
+                };
+                let mut response = exceeded.unwrap_or_else(|exceeded| {
+                    limits::refusal(exceeded, is_grpc, provider_path.as_deref())
+                });
+                metrics::record_request(method, started, &response, &request_span);
+                let headers = response.headers_mut();
+                // One growth of the map for everything added below, not one per header.
+                headers.reserve(SECURITY_HEADERS.len() + 3);
                 if let Some(id) = request_id {
                     headers.insert(X_REQUEST_ID.clone(), id);
                 }
                 security_headers(headers, production);
-                Ok(res)
+                Ok(response)
             }
             .instrument(span),
         )
     }
 }
 
+/// Marks a value that differs on every answer (request ids, remaining quota) so that HPACK
+/// sends it as a literal instead of adding it to the connection's header table, where each
+/// one would push out the entries that do repeat (the security headers) and make every
+/// answer's headers cost a full encoding. h2 calls such values "sensitive".
+pub fn never_indexed(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
+}
+
 /// The one server span of a request, continuing the caller's trace. Later layers fill in the
-/// principal (`record_principal`) and the outcome (the metrics layer). No header values are
-/// recorded, so no credential can reach a span.
-fn request_span<B>(req: &Request<B>, ctx: &mut RequestContext) -> tracing::Span {
+/// principal (`record_principal`); the outcome is recorded when the answer is ready. No
+/// header values are recorded, so no credential can reach a span.
+fn request_span<B>(
+    method: &'static str,
+    req: &Request<B>,
+    ctx: &mut RequestContext,
+) -> tracing::Span {
     use tracing::field::Empty;
-    let path = req.uri().path();
     let span = tracing::info_span!(
         "request",
-        otel.name = crate::telemetry::metrics::method_label(path),
+        otel.name = method,
         otel.kind = "server",
         otel.status_code = Empty,
         http.request.method = %req.method(),
@@ -207,27 +267,43 @@ fn trace_id(headers: &HeaderMap) -> Option<String> {
     valid.then(|| trace.to_ascii_lowercase())
 }
 
-/// The OWASP headers of security.md. The web app's CSP is set by its own route and kept.
-fn security_headers(headers: &mut HeaderMap, production: bool) {
-    const FIXED: &[(&str, &str)] = &[
-        ("x-content-type-options", "nosniff"),
-        ("x-frame-options", "DENY"),
-        ("referrer-policy", "no-referrer"),
-        (
-            "permissions-policy",
+/// The OWASP headers of security.md, names parsed once (this runs on every answer).
+static SECURITY_HEADERS: [(HeaderName, HeaderValue); 5] = [
+    (
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    ),
+    (
+        HeaderName::from_static("x-frame-options"),
+        HeaderValue::from_static("DENY"),
+    ),
+    (
+        HeaderName::from_static("referrer-policy"),
+        HeaderValue::from_static("no-referrer"),
+    ),
+    (
+        HeaderName::from_static("permissions-policy"),
+        HeaderValue::from_static(
             "accelerometer=(), camera=(), geolocation=(), gyroscope=(), magnetometer=(), microphone=(), payment=(), usb=()",
         ),
-        ("x-xss-protection", "0"),
-    ];
-    for (name, value) in FIXED {
-        headers.insert(*name, HeaderValue::from_static(value));
+    ),
+    (
+        HeaderName::from_static("x-xss-protection"),
+        HeaderValue::from_static("0"),
+    ),
+];
+
+/// The OWASP headers of security.md. The web app's CSP is set by its own route and kept.
+fn security_headers(headers: &mut HeaderMap, production: bool) {
+    for (name, value) in &SECURITY_HEADERS {
+        headers.insert(name.clone(), value.clone());
     }
     headers
-        .entry("content-security-policy")
+        .entry(http::header::CONTENT_SECURITY_POLICY)
         .or_insert(HeaderValue::from_static("default-src 'none'"));
     if production {
         headers.insert(
-            "strict-transport-security",
+            http::header::STRICT_TRANSPORT_SECURITY,
             HeaderValue::from_static("max-age=31536000; includeSubDomains"),
         );
     }

@@ -13,7 +13,10 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use crm_server::{
     audit::Actor,
     auth::Role,
-    db::entities::{idempotency_key, payment},
+    db::{
+        Uncommitted,
+        entities::{idempotency_key, payment},
+    },
     error::{AppError, Reason},
     payments::{Provider, ProviderEvent, ProviderOutcome},
     proto::{self, payment_service_client::PaymentServiceClient},
@@ -228,7 +231,7 @@ both_databases! {
                 if fail {
                     Err(AppError::Unavailable("database restarting".into()))
                 } else {
-                    Ok(proto::GetInvoiceRequest { id: "done".into() })
+                    Ok(Uncommitted::settled(proto::GetInvoiceRequest { id: "done".into() }))
                 }
             }
         };
@@ -241,9 +244,9 @@ both_databases! {
         assert_eq!(runs.load(Ordering::SeqCst), 2, "the replay did not run the work");
 
         // A business refusal is final: stored and replayed.
-        let refuse = || async { Err::<proto::GetInvoiceRequest, _>(AppError::refused(Reason::InvalidState, "no")) };
+        let refuse = || async { Err::<Uncommitted<proto::GetInvoiceRequest>, _>(AppError::refused(Reason::InvalidState, "no")) };
         let first = idem.run("user:u", "/test/Refuse", key(), &request, refuse).await.expect_err("refused");
-        let second = idem.run("user:u", "/test/Refuse", key(), &request, || async { Err::<proto::GetInvoiceRequest, _>(AppError::Internal(anyhow::anyhow!("must not run"))) }).await.expect_err("replayed refusal");
+        let second = idem.run("user:u", "/test/Refuse", key(), &request, || async { Err::<Uncommitted<proto::GetInvoiceRequest>, _>(AppError::Internal(anyhow::anyhow!("must not run"))) }).await.expect_err("replayed refusal");
         assert_eq!((first.code(), reason(&second).as_str()), (Code::FailedPrecondition, "INVALID_STATE"));
 
         assert_eq!(idempotency_key::Entity::find().count(app.db()).await.expect("count"), 2);
@@ -273,7 +276,7 @@ both_databases! {
             .expect("claim");
         }
         let key = |k: &str| crm_server::idempotency::IdempotencyKey::parse(k).ok();
-        let work = || async { Ok(proto::GetInvoiceRequest { id: "ran".into() }) };
+        let work = || async { Ok(Uncommitted::settled(proto::GetInvoiceRequest { id: "ran".into() })) };
         let taken = app.state.idempotency.run("user:u", "/test/Method", key("abandoned-claim-0001"), &request, work).await.expect("taken over");
         assert_eq!(taken.get_ref().id, "ran");
         let status = app.state.idempotency.run("user:u", "/test/Method", key("running-claim-000001"), &request, work).await.expect_err("still running");

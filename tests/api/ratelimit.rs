@@ -339,6 +339,53 @@ async fn rate_limit_refusals_need_no_database() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_over_quota_are_refused_without_an_audit_row() {
+    let app = spawn_app_with(Backend::Sqlite, &[("RATE_LIMIT_PER_MINUTE", "3")])
+        .await
+        .expect("app");
+    let mut client = app.applications().await;
+    let mut reasons = Vec::new();
+    for _ in 0..10 {
+        let refused = client
+            .list_programs(with_token(
+                proto::ListProgramsRequest::default(),
+                "not-a-valid-token",
+            ))
+            .await
+            .expect_err("bad token");
+        reasons.push(reason(&refused));
+    }
+    // The address's quota counts the bad attempts; past it, the refusal is for rate.
+    assert_eq!(reasons[..3], ["SERVICE_TOKEN_INVALID"; 3]);
+    assert_eq!(reasons[3..], ["RATE_LIMITED"; 7]);
+    let legacy = app
+        .http
+        .post(app.url("/api/v1/bot1/application"))
+        .header("x-service-token", "not-a-valid-token")
+        .json(&json!({"full_name": "Quota Tester", "phone": "+998901112233", "language": "ru"}))
+        .send()
+        .await
+        .expect("legacy call");
+    assert_eq!(legacy.status(), 429, "the legacy route shares the bucket");
+    // Only the attempts within quota were audited: a flood costs no database work. (Waits
+    // the helper's full 5 s for an eleventh row that must not come.)
+    let audited = app
+        .audit_rows("/crm.v1.ApplicationService/ListPrograms", 4)
+        .await;
+    assert_eq!(audited.len(), 3);
+    assert!(
+        audited
+            .iter()
+            .all(|row| row.outcome == "SERVICE_TOKEN_INVALID")
+    );
+    let legacy_rows = app
+        .audit_rows("POST /api/v1/{service}/application", 0)
+        .await;
+    assert!(legacy_rows.is_empty(), "{legacy_rows:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_can_be_switched_off_but_not_the_transport_limits() {
     let app = spawn_app_with(Backend::Sqlite, &[("RATE_LIMIT_ENABLED", "false")])
         .await

@@ -296,3 +296,48 @@ both_databases! {
         }
     }
 }
+
+/// The answer stored for an idempotency key is written in the same transaction as the
+/// application it answers (PostgreSQL's `xmin` names the transaction that wrote a row), so no
+/// crash can leave an application whose retry would not be recognised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_and_its_idempotent_answer_commit_in_one_transaction() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let Some(app) = crate::helpers::spawn_app_with(crate::helpers::Backend::Postgres, &[]).await
+    else {
+        eprintln!("TEST_DATABASE_URL is not set: transaction test skipped");
+        return;
+    };
+    let key = "submit-in-one-transaction-0001";
+    let mut request = with_token(valid_request(), &app.bot1_token);
+    request
+        .metadata_mut()
+        .insert("idempotency-key", key.parse().expect("ascii key"));
+    let created = app
+        .applications()
+        .await
+        .submit_application(request)
+        .await
+        .expect("submitted")
+        .into_inner();
+    let writer = |sql: String| async {
+        app.db()
+            .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+            .await
+            .expect("query")
+            .expect("row")
+            .try_get::<String>("", "tx")
+            .expect("xmin")
+    };
+    let application_tx = writer(format!(
+        "SELECT xmin::text AS tx FROM applications WHERE id = '{}'",
+        created.id
+    ))
+    .await;
+    let answer_tx = writer(format!(
+        "SELECT xmin::text AS tx FROM idempotency_keys WHERE key = '{key}' AND response IS NOT NULL"
+    ))
+    .await;
+    assert_eq!(application_tx, answer_tx);
+    app.stop().await;
+}

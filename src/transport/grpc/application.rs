@@ -80,10 +80,10 @@ impl ApplicationService for ApplicationApi {
             (self.applications.clone(), service.clone(), r.clone());
         self.idempotency
             .run(&scope, SUBMIT_ACTION, key, &r, || async move {
-                applications
-                    .submit(&service, &actor, input.into())
-                    .await
-                    .map(proto::Application::from)
+                let submitted = applications
+                    .submit_uncommitted(&service, &actor, input.into())
+                    .await?;
+                Ok(submitted.map(proto::Application::from))
             })
             .await
     }

@@ -96,7 +96,7 @@ impl PaymentService for PaymentApi {
                             &actor,
                         )
                         .await
-                        .map(proto::Invoice::from)
+                        .map(|created| created.map(proto::Invoice::from))
                 },
             )
             .await
@@ -162,7 +162,7 @@ impl PaymentService for PaymentApi {
                             &actor,
                         )
                         .await
-                        .map(proto::Payment::from)
+                        .map(|created| created.map(proto::Payment::from))
                 },
             )
             .await

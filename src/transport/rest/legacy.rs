@@ -80,7 +80,7 @@ pub async fn submit(
     let raw = headers
         .get(SERVICE_TOKEN_HEADER)
         .map(|v| v.to_str().unwrap_or_default());
-    let caller = state.auth.service(raw, ACTION, &ctx);
+    let caller = state.auth.verify_service(raw);
     if let Ok(service) = &caller {
         record_principal("service", service.as_str());
     }
@@ -94,7 +94,10 @@ pub async fn submit(
             Ok(caller) => submit_as(&state, caller, &service, &ctx, &body)
                 .await
                 .into_response(),
-            Err(refused) => refused.into_response(),
+            Err(refused) => {
+                state.auth.audit_token_refusal(ACTION, &refused, &ctx);
+                refused.into_response()
+            }
         },
     };
     if let Some(verdict) = verdict {
