@@ -152,13 +152,9 @@ fn metrics(p: &Process) -> anyhow::Result<String> {
 }
 
 /// A counter of `method` by its `outcome` label, from a server's `/metrics`.
-pub fn outcomes(
-    p: &Process,
-    name: &str,
-    method: &str,
-) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+pub fn outcomes(p: &Process, name: &str, method: &str) -> anyhow::Result<Outcomes> {
     let method_label = format!("method=\"{method}\"");
-    let mut out = std::collections::BTreeMap::new();
+    let mut out = Outcomes::new();
     for line in metrics(p)?.lines() {
         if !line.starts_with(&format!("{name}{{")) || !line.contains(&method_label) {
             continue;
@@ -177,19 +173,50 @@ pub fn outcomes(
     Ok(out)
 }
 
-/// Scrapes a counter from a server's `/metrics`, summed over the series matching `labels`.
-pub fn counter(p: &Process, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
-    let text = metrics(p)?;
-    let wanted = |line: &str| {
-        line.starts_with(name)
-            && line[name.len()..].starts_with(['{', ' '])
-            && labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+/// A server's calls of one method by outcome (`OK` or the error reason).
+pub type Outcomes = std::collections::BTreeMap<String, f64>;
+
+/// Checks a server's counts of ListPrograms outcomes between `before` and `after` against the
+/// `seen` answers of `runs` h2load runs. `refusals`: every call must have been refused (bad
+/// token, then quota), else every call must have been served. Returns what is wrong.
+///
+/// When h2load stops, the calls it has in flight (up to 256 per run) are either answered
+/// unseen or cut off mid-request, which the server counts as `GRPC_ERROR` (no reason).
+pub fn check_counts(
+    name: &str,
+    before: &Outcomes,
+    after: &Outcomes,
+    seen: f64,
+    runs: f64,
+    refusals: bool,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut delta = after.clone();
+    for (outcome, n) in before {
+        *delta.entry(outcome.clone()).or_default() -= n;
+    }
+    let mut take = |outcome: &str| delta.remove(outcome).unwrap_or(0.0);
+    let cut_off = take("GRPC_ERROR");
+    let answered = if refusals {
+        let served = take("OK");
+        if served > 0.0 {
+            failures.push(format!(
+                "{name}: {served} calls with a bad token were served"
+            ));
+        }
+        take("RATE_LIMITED") + take("SERVICE_TOKEN_INVALID")
+    } else {
+        take("OK")
     };
-    Ok(text
-        .lines()
-        .filter(|l| wanted(l))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum())
+    for (outcome, n) in delta.iter().filter(|(_, n)| **n > 0.0) {
+        failures.push(format!("{name}: {n} calls ended in {outcome}"));
+    }
+    let in_flight = f64::from(CONNECTIONS * STREAMS);
+    if answered < seen || answered - seen + cut_off > runs * in_flight {
+        failures.push(format!(
+            "{name}: h2load saw {seen} answers, the server counted {answered} (and {cut_off} \
+             cut off)"
+        ));
+    }
+    failures
 }

@@ -19,7 +19,7 @@ use crate::{
     baselines::pool::{self, Pool},
     client::{self, Report, Spec},
     db::{self, PgDatabase},
-    load::{self, Efficiency, GRPC, GRPC_WEB, LIST_PROGRAMS, TE, X_GRPC_WEB},
+    load::{self, Efficiency, GRPC, GRPC_WEB, LIST_PROGRAMS, Outcomes, TE, X_GRPC_WEB},
     process::{
         self, PAYME_KEY, PAYME_LOGIN, PAYME_MERCHANT_ID, POOL_SIZE, Process, SERVER_CPU,
         ServerHome, TOKEN, bench_command, work_dir,
@@ -130,9 +130,6 @@ pub struct PaymeRig {
     /// Cycles per second each cycle side reached last time (sizes the next invoice batch).
     last_rate: BTreeMap<Side, f64>,
 }
-
-/// A server's ListPrograms calls by outcome (`OK` or the error reason).
-type Outcomes = BTreeMap<String, f64>;
 
 pub struct Rig {
     pub plan: Plan,
@@ -672,9 +669,6 @@ impl Rig {
                 )
             })
         };
-        // When h2load stops, the calls it has in flight (up to 256 per run) are either
-        // answered unseen (OK) or cut off mid-request (GRPC_ERROR, no reason).
-        let in_flight = f64::from(load::CONNECTIONS * load::STREAMS);
         let served: [(&str, Option<&Process>, Side, &[Side]); 3] = [
             (
                 "main",
@@ -698,39 +692,11 @@ impl Rig {
         for (name, process, side, sides) in served {
             let Some(p) = process else { continue };
             let before = self.before.get(name).cloned().unwrap_or_default();
-            let mut delta = list_programs_outcomes(p)?;
-            for (outcome, n) in &before {
-                *delta.entry(outcome.clone()).or_default() -= n;
-            }
+            let after = list_programs_outcomes(p)?;
             let (seen, runs) = answered(sides);
-            let take = |delta: &mut Outcomes, outcome: &str| delta.remove(outcome).unwrap_or(0.0);
-            let cut_off = take(&mut delta, "GRPC_ERROR");
-            let answered_ok = if side == Side::Refusals {
-                let served = take(&mut delta, "OK");
-                if served > 0.0 {
-                    failures.push((
-                        side,
-                        format!("{name}: {served} calls with a bad token were served"),
-                    ));
-                }
-                take(&mut delta, "RATE_LIMITED") + take(&mut delta, "SERVICE_TOKEN_INVALID")
-            } else {
-                take(&mut delta, "OK")
-            };
-            for (outcome, n) in delta.iter().filter(|(_, n)| **n > 0.0) {
-                failures.push((
-                    side,
-                    format!("{name}: {n} ListPrograms calls ended in {outcome}"),
-                ));
-            }
-            if answered_ok < seen || answered_ok - seen + cut_off > runs * in_flight {
-                failures.push((
-                    side,
-                    format!(
-                        "{name}: h2load saw {seen} answers, the server counted {answered_ok} \
-                         (and {cut_off} cut off)"
-                    ),
-                ));
+            let refusals = side == Side::Refusals;
+            for failure in load::check_counts(name, &before, &after, seen, runs, refusals) {
+                failures.push((side, failure));
             }
         }
         if let Some(otlp) = &self.otlp {

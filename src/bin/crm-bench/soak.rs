@@ -25,11 +25,7 @@ pub fn run(work: &Path, secs: u64) -> anyhow::Result<Outcome> {
     let url = server.url(LIST_PROGRAMS);
     let headers = [GRPC, TE, ("x-service-token", TOKEN)];
     let name = "crm_requests_total";
-    let ok_label = [("method", LIST_PROGRAMS), ("outcome", "OK")];
-    let (ok0, total0) = (
-        load::counter(&server, name, &ok_label)?,
-        load::counter(&server, name, &[("method", LIST_PROGRAMS)])?,
-    );
+    let before = load::outcomes(&server, name, LIST_PROGRAMS)?;
     // The reference: one minute in (or halfway through a shorter soak).
     let reference_at = Duration::from_secs(60.min(secs / 2));
     let started = Instant::now();
@@ -69,17 +65,8 @@ pub fn run(work: &Path, secs: u64) -> anyhow::Result<Outcome> {
          {answered} calls ({:.0}/s)",
         answered as f64 / secs as f64
     );
-    let ok = load::counter(&server, name, &ok_label)? - ok0;
-    let total = load::counter(&server, name, &[("method", LIST_PROGRAMS)])? - total0;
-    if total > ok {
-        o.failures
-            .push(format!("{} calls ended in an error", total - ok));
-    }
-    if ok < answered as f64 || ok > (answered + u64::from(CONNECTIONS * STREAMS)) as f64 {
-        o.failures.push(format!(
-            "h2load saw {answered} answers, the server counted {ok} OK"
-        ));
-    }
+    let after = load::outcomes(&server, name, LIST_PROGRAMS)?;
+    o.failures = load::check_counts("soak", &before, &after, answered as f64, 1.0, false);
     if let Some(logs) = server.log_summary() {
         o.absolutes.push_str(&format!("; {logs}"));
     }
