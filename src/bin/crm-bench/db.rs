@@ -4,7 +4,9 @@
 
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::STANDARD};
-use sea_orm::sqlx::{self, AssertSqlSafe, Connection, SqlitePool, postgres::PgConnection};
+use sea_orm::sqlx::{
+    self, AssertSqlSafe, Connection, QueryBuilder, Sqlite, SqlitePool, postgres::PgConnection,
+};
 
 use crate::process::PAYME_MERCHANT_ID;
 
@@ -77,47 +79,58 @@ fn replace_db_name(url: &str, name: &str) -> String {
 }
 
 /// `n` unpaid invoices of `payer`, each with the PENDING Payme payment that the payer's
-/// "Pay" click (CreatePayment) leaves; one transaction. Returns the invoice ids.
+/// "Pay" click (CreatePayment) leaves; multi-row INSERTs in one transaction. Returns the
+/// invoice ids.
 pub async fn create_invoices(
     db: &SqlitePool,
     payer: &str,
     n: usize,
     amount: i64,
 ) -> anyhow::Result<Vec<String>> {
+    /// Rows per INSERT (10 columns each, well under SQLite's 32766 variables).
+    const CHUNK: usize = 500;
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let now = crm_server::db::now();
     let mut txn = db.begin().await?;
-    let mut ids = Vec::with_capacity(n);
-    for _ in 0..n {
-        let id = uuid::Uuid::now_v7().to_string();
-        let now = crm_server::db::now();
-        sqlx::query(
+    for chunk in ids.chunks(CHUNK) {
+        let mut invoices = QueryBuilder::<Sqlite>::new(
             "INSERT INTO invoices (id, payer_user_id, application_id, amount_tiyin, currency, \
-             description, status, created_at, updated_at, paid_at) VALUES (?1, ?2, NULL, ?3, \
-             'UZS', 'bench', 'UNPAID', ?4, ?4, NULL)",
-        )
-        .bind(&id)
-        .bind(payer)
-        .bind(amount)
-        .bind(now)
-        .execute(&mut *txn)
-        .await?;
-        let checkout = format!(
-            "https://checkout.paycom.uz/{}",
-            STANDARD.encode(format!("m={PAYME_MERCHANT_ID};ac.order_id={id};a={amount}"))
+             description, status, created_at, updated_at, paid_at) ",
         );
-        sqlx::query(
-            "INSERT INTO payments (id, invoice_id, provider, amount_tiyin, status, checkout_url, \
-             pending_key, paid_key, created_at, updated_at) VALUES (?1, ?2, 'PAYME', ?3, \
-             'PENDING', ?4, ?5, NULL, ?6, ?6)",
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(&id)
-        .bind(amount)
-        .bind(checkout)
-        .bind(format!("{id}:PAYME"))
-        .bind(now)
-        .execute(&mut *txn)
-        .await?;
-        ids.push(id);
+        invoices.push_values(chunk, |mut row, id| {
+            row.push_bind(id)
+                .push_bind(payer)
+                .push_bind(Option::<String>::None)
+                .push_bind(amount)
+                .push_bind("UZS")
+                .push_bind("bench")
+                .push_bind("UNPAID")
+                .push_bind(now)
+                .push_bind(now)
+                .push_bind(Option::<chrono::DateTime<chrono::Utc>>::None);
+        });
+        invoices.build().execute(&mut *txn).await?;
+        let mut payments = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO payments (id, invoice_id, provider, amount_tiyin, status, \
+             checkout_url, pending_key, paid_key, created_at, updated_at) ",
+        );
+        payments.push_values(chunk, |mut row, id| {
+            let checkout = format!(
+                "https://checkout.paycom.uz/{}",
+                STANDARD.encode(format!("m={PAYME_MERCHANT_ID};ac.order_id={id};a={amount}"))
+            );
+            row.push_bind(uuid::Uuid::now_v7().to_string())
+                .push_bind(id)
+                .push_bind("PAYME")
+                .push_bind(amount)
+                .push_bind("PENDING")
+                .push_bind(checkout)
+                .push_bind(format!("{id}:PAYME"))
+                .push_bind(Option::<String>::None)
+                .push_bind(now)
+                .push_bind(now);
+        });
+        payments.build().execute(&mut *txn).await?;
     }
     txn.commit().await?;
     Ok(ids)

@@ -77,16 +77,7 @@ impl Goal {
                 Side::Native,
                 Side::EchoMax,
             )],
-            Goal::P2 => vec![efficiency_ratio(
-                Outcome::new(
-                    "P2",
-                    "refusals (bad token, then over quota) vs bare echo, req/CPU-s",
-                )
-                .at_least(1.0),
-                rounds,
-                Side::Refusals,
-                Side::EchoMax,
-            )],
+            Goal::P2 => p2(rounds, rig),
             Goal::P3 => p3(rounds),
             Goal::P4 => database(
                 rounds,
@@ -183,6 +174,36 @@ fn efficiency_ratio(mut o: Outcome, rounds: &[Round], ours: Side, theirs: Side) 
         med(rounds, |r| Some(eff(r, theirs)?.per_s)),
     );
     o
+}
+
+fn p2(rounds: &[Round], rig: &Rig) -> Vec<Outcome> {
+    let mut out = vec![efficiency_ratio(
+        Outcome::new(
+            "P2",
+            "refusals (bad token, then over quota) vs bare echo, req/CPU-s",
+        )
+        .at_least(1.0),
+        rounds,
+        Side::Refusals,
+        Side::EchoMax,
+    )];
+    if let Some((rows, invalid, limited)) = rig.refusal_audit {
+        // Refusals for the token itself are audited (through the queue); over the quota,
+        // nothing may reach the database.
+        let over_quota = (rows - invalid).max(0.0);
+        let mut o = Outcome::new("P2", "database rows written per refusal over quota").at_most(0.0);
+        o.values = vec![if limited > 0.0 {
+            over_quota / limited
+        } else {
+            0.0
+        }];
+        o.absolutes = format!(
+            "{rows:.0} audit rows for {invalid:.0} SERVICE_TOKEN_INVALID + {limited:.0} \
+             RATE_LIMITED refusals"
+        );
+        out.push(o);
+    }
+    out
 }
 
 fn p3(rounds: &[Round]) -> Vec<Outcome> {

@@ -159,12 +159,14 @@ fn run(plan: Plan, goals: Vec<Goal>, soak: bool) -> anyhow::Result<()> {
         for index in 0..plan.rounds {
             let mut round = Round::default();
             for &side in &sides {
+                let side_started = Instant::now();
                 let summary = rig.run_side(side, &mut round, index)?;
                 println!(
-                    "  round {}/{} {:<15} {summary}",
+                    "  round {}/{} {:<15} {:>5.1} s  {summary}",
                     index + 1,
                     plan.rounds,
-                    format!("{side:?}")
+                    format!("{side:?}"),
+                    side_started.elapsed().as_secs_f64()
                 );
             }
             for (side, failure) in &round.failures {

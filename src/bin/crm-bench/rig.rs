@@ -101,7 +101,7 @@ pub const IN_FLIGHT: usize = 32;
 const FIXED_RATE_CHANNELS: usize = 4;
 /// Concurrent logins during P9's "with" window, and the seconds they get to ramp up.
 const LOGINS: usize = 50;
-pub const LOGIN_RAMP: f64 = 1.0;
+pub const LOGIN_RAMP: f64 = 0.5;
 const LOGIN_PHONE: &str = "+998900000001";
 const LOGIN_PASSWORD: &str = "bench-login-password-1";
 const PAYER_PHONE: &str = "+998900000002";
@@ -137,6 +137,11 @@ pub struct Rig {
     pub echo: Option<Process>,
     pub main: Option<Process>,
     pub refusals: Option<Process>,
+    /// The refusals server's database and its audit rows before the rounds: P2 says
+    /// refusals touch no database.
+    refusals_db: Option<(Pool, i64)>,
+    /// After the rounds: audit rows written, calls refused for the token, for the quota.
+    pub refusal_audit: Option<(f64, f64, f64)>,
     pub otlp: Option<Otlp>,
     pub latency: Option<Process>,
     pub pg: Option<Submitters>,
@@ -174,6 +179,8 @@ impl Rig {
             echo: None,
             main: None,
             refusals: None,
+            refusals_db: None,
+            refusal_audit: None,
             otlp: None,
             latency: None,
             pg: None,
@@ -194,6 +201,9 @@ impl Rig {
             let home =
                 ServerHome::new(&work, "refusals", None, &[("RATE_LIMIT_PER_MINUTE", "60")])?;
             rig.refusals = Some(home.serve()?);
+            let db = rig.runtime.block_on(Pool::open(&home.database_url, 1))?;
+            let rows = rig.runtime.block_on(db.count(AUDIT_ROWS))?;
+            rig.refusals_db = Some((db, rows));
         }
         if sides.contains(&Otlp) {
             let sink = Sink::start(&rig.runtime)?;
@@ -499,6 +509,12 @@ impl Rig {
                 report.logins_ok
             ));
         }
+        if report.unanswered > 0 {
+            summary.push_str(&format!(
+                "; {} calls unanswered at the end (overloaded)",
+                report.unanswered
+            ));
+        }
         if report.late_sends > 0 {
             summary.push_str(&format!(
                 "; {} sends >1 ms late (max {:.1} ms)",
@@ -659,7 +675,7 @@ impl Rig {
 
     /// Checks that need the whole run: the servers' own counters against what h2load saw
     /// answered, and spans received by the OTLP sink.
-    pub fn final_checks(&self) -> anyhow::Result<Vec<(Side, String)>> {
+    pub fn final_checks(&mut self) -> anyhow::Result<Vec<(Side, String)>> {
         let mut failures = Vec::new();
         let answered = |sides: &[Side]| -> (f64, f64) {
             sides.iter().fold((0.0, 0.0), |(a, r), s| {
@@ -697,6 +713,20 @@ impl Rig {
             let refusals = side == Side::Refusals;
             for failure in load::check_counts(name, &before, &after, seen, runs, refusals) {
                 failures.push((side, failure));
+            }
+            if let (true, Some((db, rows_before))) = (refusals, &self.refusals_db) {
+                // Let the audit queue drain (it writes in the background).
+                std::thread::sleep(Duration::from_secs(1));
+                let rows = self.runtime.block_on(db.count(AUDIT_ROWS))? - rows_before;
+                let delta = |outcome: &str| {
+                    after.get(outcome).copied().unwrap_or(0.0)
+                        - before.get(outcome).copied().unwrap_or(0.0)
+                };
+                self.refusal_audit = Some((
+                    rows as f64,
+                    delta("SERVICE_TOKEN_INVALID"),
+                    delta("RATE_LIMITED"),
+                ));
             }
         }
         if let Some(otlp) = &self.otlp {
@@ -739,6 +769,9 @@ impl Rig {
 
     /// Closes the bench's own pools before the databases go away.
     pub fn close(&mut self) {
+        if let Some((db, _)) = &self.refusals_db {
+            self.runtime.block_on(db.close());
+        }
         for pair in self.pg.iter().chain(self.sqlite.iter()) {
             self.runtime.block_on(pair.db.close());
         }
@@ -747,6 +780,8 @@ impl Rig {
         }
     }
 }
+
+const AUDIT_ROWS: &str = "SELECT count(*) FROM audit_log";
 
 fn list_programs_outcomes(p: &Process) -> anyhow::Result<Outcomes> {
     load::outcomes(p, "crm_requests_total", LIST_PROGRAMS)
