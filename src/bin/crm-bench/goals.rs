@@ -7,7 +7,8 @@ use crate::{
     client::{Report, Window},
     load::Efficiency,
     outcome::{Outcome, median},
-    rig::{Rig, Round, Side},
+    rig::Rig,
+    sides::{Round, Side},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -206,6 +207,24 @@ fn p2(rounds: &[Round], rig: &Rig) -> Vec<Outcome> {
     out
 }
 
+/// A note when our server could not keep up with the fixed rate in some rounds: calls left
+/// unanswered, or a p99 over a second in the window without logins.
+fn overload_note(rounds: &[Round]) -> String {
+    let overloaded = rounds
+        .iter()
+        .filter_map(|r| report(r, Side::FixedRate))
+        .filter(|r| r.unanswered > 0 || r.windows.first().is_some_and(|w| w.p99_us > 1e6))
+        .count();
+    if overloaded == 0 {
+        return String::new();
+    }
+    format!(
+        "; OUR SERVER WAS OVERLOADED at this rate in {overloaded} of {} rounds (calls left \
+         unanswered or p99 > 1 s): latencies are queueing",
+        rounds.len()
+    )
+}
+
 fn p3(rounds: &[Round]) -> Vec<Outcome> {
     let rate = med(rounds, |r| Some(eff(r, Side::EchoMax)?.per_s * 0.5));
     let pick = |side: Side, p99: bool| {
@@ -236,7 +255,7 @@ fn p3(rounds: &[Round]) -> Vec<Outcome> {
             med(rounds, pick(Side::FixedRate, p99)),
             med(rounds, pick(Side::EchoFixedRate, p99)),
             4,
-        );
+        ) + &overload_note(rounds);
         out.push(o);
     }
     out
@@ -258,7 +277,7 @@ fn database(
         med(rounds, per_s(theirs)),
         med(rounds, p99(ours)),
         med(rounds, p99(theirs)),
-        crate::rig::IN_FLIGHT,
+        crate::sides::IN_FLIGHT,
         crate::process::POOL_SIZE,
     );
     let mut throughput = Outcome::new(
@@ -307,7 +326,7 @@ fn p7(rounds: &[Round]) -> Vec<Outcome> {
             med(rounds, per_s(theirs)),
             med(rounds, |r| Some(first_window(r, ours)?.p99_us / 1000.0)),
             med(rounds, |r| Some(first_window(r, theirs)?.p99_us / 1000.0)),
-            crate::rig::IN_FLIGHT,
+            crate::sides::IN_FLIGHT,
         );
         out.push(o);
     }
@@ -350,6 +369,6 @@ fn p9(rounds: &[Round]) -> Outcome {
         med(rounds, |r| Some(
             report(r, Side::FixedRate)?.logins_ok as f64
         )),
-    );
+    ) + &overload_note(rounds);
     o
 }

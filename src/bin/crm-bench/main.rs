@@ -20,7 +20,7 @@
 //! How a run goes: everything a goal needs is started once (`rig.rs`): the release
 //! `crm-server` (fresh database, one tokio worker) and the baselines served by this binary,
 //! all pinned to CPU 1; the load generators (h2load, and this binary's client, `client.rs`)
-//! and this orchestrator on CPU 0. Each round runs every needed *side* once (`rig::Side`);
+//! and this orchestrator on CPU 0. Each round runs every needed *side* once (`sides.rs`);
 //! goals are computed from the sides they share (`goals.rs`). Correctness counters (the
 //! servers' `/metrics`, rows in the database, every answer's status) are checked in the same
 //! run. The table is printed and written as JSON under `target/bench/`.
@@ -28,7 +28,8 @@
 //! Files: `process.rs` (spawning, pinning, CPU and RSS), `load.rs` (h2load, the client child,
 //! `/metrics`), `client.rs` (the client itself), `http1.rs` (its HTTP/1.1 for webhooks),
 //! `baselines/` (echo, raw insert, bare Payme), `db.rs` (PostgreSQL database, invoices, row
-//! counts), `sink.rs` (OTLP sink), `rig.rs`, `goals.rs`, `outcome.rs`, `soak.rs`, `p11.rs`.
+//! counts), `sink.rs` (OTLP sink), `rig.rs` (the processes), `sides.rs` (one measured run
+//! each), `goals.rs` (sides → outcomes), `outcome.rs`, `soak.rs`, `p11.rs`.
 
 mod baselines;
 mod client;
@@ -40,6 +41,7 @@ mod outcome;
 mod p11;
 mod process;
 mod rig;
+mod sides;
 mod sink;
 mod soak;
 
@@ -50,7 +52,8 @@ use anyhow::{Context, bail};
 use crate::{
     goals::Goal,
     outcome::Outcome,
-    rig::{Plan, Rig, Round, Side},
+    rig::{Plan, Rig},
+    sides::{Round, Side},
 };
 
 const USAGE: &str = "usage: crm-bench [all | soak | p1 … p10 …] [--rounds N] [--secs S] \
