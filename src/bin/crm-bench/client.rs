@@ -110,13 +110,21 @@ pub struct Payme {
     pub id_prefix: String,
 }
 
-/// Latency of the calls of one window, in microseconds.
+/// Latency of the calls of one window, in microseconds (NaN without calls; JSON `null`).
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct Window {
     pub calls: u64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p50_us: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p99_us: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub max_us: f64,
+}
+
+/// serde_json writes NaN as `null`; read it back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
@@ -137,6 +145,18 @@ pub struct Report {
     /// Open loop only: calls still unanswered `DRAIN` after the end (an overloaded server).
     /// Their latency is counted as at least their age then, never left out.
     pub unanswered: u64,
+}
+
+impl Report {
+    /// The first (for closed loops, the only) window; empty if there is none.
+    pub fn first_window(&self) -> Window {
+        self.windows.first().cloned().unwrap_or(Window {
+            calls: 0,
+            p50_us: f64::NAN,
+            p99_us: f64::NAN,
+            max_us: f64::NAN,
+        })
+    }
 }
 
 /// How long the open loop waits for the calls in flight after its last window.

@@ -273,8 +273,8 @@ impl Rig {
         let summary = format!(
             "{:>7.0} submits/s  p50 {:.1} ms  p99 {:.1} ms  ({added} rows = {} acks)",
             report.per_s,
-            report.windows[0].p50_us / 1000.0,
-            report.windows[0].p99_us / 1000.0,
+            report.first_window().p50_us / 1000.0,
+            report.first_window().p99_us / 1000.0,
             report.acked
         );
         round.reports.insert(side, report);
@@ -339,8 +339,8 @@ impl Rig {
             "{:>7.0} {}/s  p50 {:.1} ms  p99 {:.1} ms",
             report.per_s,
             if cycles { "cycles" } else { "checks" },
-            report.windows[0].p50_us / 1000.0,
-            report.windows[0].p99_us / 1000.0,
+            report.first_window().p50_us / 1000.0,
+            report.first_window().p99_us / 1000.0,
         );
         if let Some((paid0, performed0, _)) = before {
             let (paid, performed, twice) = self.runtime.block_on(db::payme_counts(&pr.db))?;
