@@ -83,7 +83,10 @@ fn main() -> anyhow::Result<()> {
         _ => {}
     }
     let (plan, goals, soak) = parse(&args)?;
-    run(plan, goals, soak)
+    let result = run(plan, goals, soak);
+    // The run's files (databases, client specs), whatever happened.
+    let _ = std::fs::remove_dir_all(process::work_dir()?);
+    result
 }
 
 fn parse(args: &[String]) -> anyhow::Result<(Plan, Vec<Goal>, bool)> {
@@ -226,7 +229,6 @@ fn run(plan: Plan, goals: Vec<Goal>, soak: bool) -> anyhow::Result<()> {
     std::fs::write(&file, serde_json::to_string_pretty(&json)?)?;
     println!("\nwritten to {}", file.display());
     println!("elapsed {:.0} s ({:.1} min)", elapsed, elapsed / 60.0);
-    let _ = std::fs::remove_dir_all(process::work_dir()?);
     if outcomes.iter().any(|o| !o.failures.is_empty()) {
         bail!("correctness checks failed (see CORRECTNESS CHECK FAILED above)");
     }

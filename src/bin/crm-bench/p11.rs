@@ -83,7 +83,9 @@ pub fn payme_load(args: &[String]) -> anyhow::Result<()> {
         id_prefix: "00000000".into(),
     };
     let work = work_dir()?;
-    let report = load::run_client(&work, &Spec::Payme(spec))?;
+    let report = load::run_client(&work, &Spec::Payme(spec));
+    let _ = std::fs::remove_dir_all(&work);
+    let report = report?;
     let w = report.windows.first().cloned().unwrap_or_default();
     println!(
         "{:.0} calls/s  p50 {:.2} ms  p99 {:.2} ms  ({} answered, {} errors)",
@@ -93,7 +95,6 @@ pub fn payme_load(args: &[String]) -> anyhow::Result<()> {
         report.acked,
         report.errors
     );
-    let _ = std::fs::remove_dir_all(&work);
     if report.errors > 0 {
         bail!(
             "answers that were not Payme successes: {:?}",
