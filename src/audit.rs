@@ -129,6 +129,14 @@ impl AuditSink {
             tracing::warn!("audit queue full; an audit row was dropped");
         }
     }
+
+    /// Queues a row that must not be lost (a payment provider's call): when the queue is full
+    /// the request waits for room, so a flood slows down to what the database can write.
+    pub async fn record_waiting(&self, event: AuditEvent) {
+        if self.tx.send(event).await.is_err() {
+            tracing::error!("audit writer stopped; an audit row was dropped");
+        }
+    }
 }
 
 async fn write_batches(db: DatabaseConnection, mut rx: mpsc::Receiver<AuditEvent>) {

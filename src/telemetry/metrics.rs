@@ -93,17 +93,21 @@ fn pool_usage(db: &DatabaseConnection) -> (u32, u32) {
 /// outcome on the request's span. Streams are timed until their headers are sent.
 pub fn record_request(method: &'static str, started: Instant, response: &Response, span: &Span) {
     let outcome = outcome(response);
-    span.record("outcome", outcome);
-    match response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(code) => span.record("status", code),
-        None => span.record("status", response.status().as_u16()),
-    };
-    if outcome != "OK" {
-        span.record("otel.status_code", "ERROR");
+    // For the exported span only: recording on a span the JSON log layer also holds makes it
+    // re-encode the span's fields, a cost every request would pay for nothing logged.
+    if super::exporting() {
+        span.record("outcome", outcome);
+        match response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(code) => span.record("status", code),
+            None => span.record("status", response.status().as_u16()),
+        };
+        if outcome != "OK" {
+            span.record("otel.status_code", "ERROR");
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     match series(method) {

@@ -12,7 +12,7 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::LogFormat;
 
-pub use otel::{continue_trace, trace_id_of};
+pub use otel::{continue_trace, exporting, trace_id_of};
 
 /// Noisy dependencies are held at `warn` unless `RUST_LOG` names them (so database spans are
 /// exported only when asked for, at debug level).
@@ -36,9 +36,16 @@ impl Telemetry {
 
 /// Installs the process-wide subscriber. Call it inside the tokio runtime: the gRPC exporter
 /// lives on it. A second call (tests start many servers in one process) keeps the first.
+///
+/// Logs and exported spans are filtered apart: `RUST_LOG` decides what is logged, and spans
+/// are exported at `DEFAULT_FILTER` plus whatever dependency `RUST_LOG` names (so
+/// `RUST_LOG=warn` keeps logs quiet without turning traces off).
 pub fn init(format: LogFormat) -> Telemetry {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let rust_log = std::env::var(EnvFilter::DEFAULT_ENV).unwrap_or_default();
+    let log_filter = EnvFilter::try_new(&rust_log)
+        .ok()
+        .filter(|_| !rust_log.trim().is_empty())
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
     let tracer_provider = match otel::tracer_provider() {
         Ok(provider) => provider,
         Err(e) => {
@@ -50,12 +57,18 @@ pub fn init(format: LogFormat) -> Telemetry {
         otel::set_exporting();
     }
     let otel_layer = tracer_provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer().with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
+            .with_filter(trace_filter(&rust_log))
     });
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let registry = tracing_subscriber::registry().with(otel_layer);
     let _ = match format {
         LogFormat::Pretty => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(log_filter),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(
@@ -64,9 +77,20 @@ pub fn init(format: LogFormat) -> Telemetry {
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(log_filter),
             )
             .try_init(),
     };
     Telemetry { tracer_provider }
+}
+
+/// What is exported: our spans at `info` whatever the log level, dependencies at `warn` unless
+/// `RUST_LOG` names them (`sqlx=debug` exports database spans).
+fn trace_filter(rust_log: &str) -> EnvFilter {
+    rust_log
+        .split(',')
+        .filter(|directive| directive.contains('='))
+        .filter_map(|directive| directive.trim().parse().ok())
+        .fold(EnvFilter::new(DEFAULT_FILTER), EnvFilter::add_directive)
 }

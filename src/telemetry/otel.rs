@@ -8,7 +8,8 @@ use opentelemetry::{
     propagation::{Extractor, TextMapPropagator},
     trace::TraceContextExt,
 };
-use opentelemetry_otlp::{SpanExporter, WithExportConfig as _};
+use opentelemetry_http::{Bytes, HttpClient, HttpError, hyper::HyperClient};
+use opentelemetry_otlp::{SpanExporter, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -27,7 +28,10 @@ pub(super) fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
             .with_tonic()
             .with_endpoint(endpoint)
             .build(),
-        "http/protobuf" => SpanExporter::builder().with_http().build(),
+        "http/protobuf" => SpanExporter::builder()
+            .with_http()
+            .with_http_client(OnRuntime::current()?)
+            .build(),
         other => bail!("OTEL_EXPORTER_OTLP_PROTOCOL {other:?} is not grpc or http/protobuf"),
     }
     .context("cannot build the OTLP exporter")?;
@@ -41,6 +45,43 @@ pub(super) fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
             .with_resource(resource.build())
             .build(),
     ))
+}
+
+/// The SDK exports from a thread of its own, outside the tokio runtime, where hyper finds no
+/// reactor (every export failed with "there is no reactor running"). This client hands each
+/// export to the runtime that was current when it was built.
+#[derive(Debug)]
+struct OnRuntime {
+    client: HyperClient,
+    runtime: tokio::runtime::Handle,
+}
+
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`'s default.
+const EXPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl OnRuntime {
+    fn current() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .context("the http/protobuf exporter must be built inside the tokio runtime")?;
+        Ok(Self {
+            client: HyperClient::with_default_connector(EXPORT_TIMEOUT, None),
+            runtime,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl HttpClient for OnRuntime {
+    async fn send_bytes(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, HttpError> {
+        let client = self.client.clone();
+        self.runtime
+            .spawn(async move { client.send_bytes(request).await })
+            .await
+            .map_err(|e| Box::new(e) as HttpError)?
+    }
 }
 
 struct Headers<'a>(&'a http::HeaderMap);
@@ -61,6 +102,11 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 pub(super) fn set_exporting() {
     EXPORTING.store(true, Ordering::Relaxed);
+}
+
+/// Whether spans are exported.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
 }
 
 /// Makes the caller's `traceparent` (if any) the parent of `span`.

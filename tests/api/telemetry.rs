@@ -193,18 +193,47 @@ struct Receiver {
     spans: Arc<Mutex<Vec<Span>>>,
 }
 
+impl Receiver {
+    fn collect(&self, request: ExportTraceServiceRequest) {
+        let mut spans = self.spans.lock().expect("spans");
+        for resource in request.resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+    }
+
+    /// Serves OTLP on `listener` in `protocol` (`grpc` or `http/protobuf`), as a collector does.
+    fn serve(&self, listener: tokio::net::TcpListener, protocol: &str) {
+        if protocol == "grpc" {
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(self.clone()))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            return;
+        }
+        let receiver = self.clone();
+        let export = move |body: axum::body::Bytes| async move {
+            use prost::Message;
+            receiver.collect(ExportTraceServiceRequest::decode(body).expect("OTLP protobuf"));
+            (
+                [(http::header::CONTENT_TYPE, "application/x-protobuf")],
+                ExportTraceServiceResponse::default().encode_to_vec(),
+            )
+        };
+        let app = axum::Router::new().route("/v1/traces", axum::routing::post(export));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+}
+
 #[tonic::async_trait]
 impl TraceService for Receiver {
     async fn export(
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().expect("spans");
-        for resource in request.into_inner().resource_spans {
-            for scope in resource.scope_spans {
-                spans.extend(scope.spans);
-            }
-        }
+        self.collect(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -221,17 +250,27 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_callers_trace_continues_into_our_server_span_over_otlp() {
+async fn a_callers_trace_continues_into_our_server_span_over_otlp_grpc() {
+    trace_continues_over("grpc", None).await;
+}
+
+/// The SDK exports from a thread outside the runtime; over HTTP every export used to fail
+/// there ("no reactor running"), so nothing ever arrived. Logs are quiet here (`warn`), which
+/// must not turn traces off either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_trace_continues_into_our_server_span_over_otlp_http() {
+    trace_continues_over("http/protobuf", Some("warn,crm_server::startup=info")).await;
+}
+
+/// Runs the server binary exporting to an OTLP receiver; with the default `RUST_LOG` (`None`)
+/// also checks that the request's log lines carry its ids.
+async fn trace_continues_over(protocol: &str, rust_log: Option<&str>) {
     let receiver = Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let otlp_port = listener.local_addr().expect("addr").port();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    receiver.serve(listener, protocol);
 
     let dir = tempfile::tempdir().expect("dir");
     let token = "otel-test-raw-token-for-bot1-00000000000000000000";
@@ -251,6 +290,8 @@ async fn a_callers_trace_continues_into_our_server_span_over_otlp() {
             "OTEL_EXPORTER_OTLP_ENDPOINT",
             format!("http://127.0.0.1:{otlp_port}"),
         )
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        .env("RUST_LOG", rust_log.unwrap_or(""))
         .env("OTEL_SERVICE_NAME", "crm-server-test")
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .stdout(Stdio::null())
@@ -356,6 +397,9 @@ async fn a_callers_trace_continues_into_our_server_span_over_otlp() {
     // The request's JSON log lines carry its request and trace ids.
     let log = log.lock().expect("log").clone();
     assert!(!log.contains(token), "a token reached the log");
+    if rust_log.is_some() {
+        return;
+    }
     let line = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -101,7 +101,7 @@ async fn endpoint(
     if let Some(id) = fields.get("click_trans_id") {
         event = event.target(id);
     }
-    state.auth.audit.record(event);
+    state.auth.audit.record_waiting(event).await;
     Json(answer)
 }
 

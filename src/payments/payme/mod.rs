@@ -68,7 +68,8 @@ pub async fn webhook(
     state
         .auth
         .audit
-        .record(AuditEvent::new(&actor, "POST /webhooks/payme", &code));
+        .record_waiting(AuditEvent::new(&actor, "POST /webhooks/payme", &code))
+        .await;
     Json(body)
 }
 

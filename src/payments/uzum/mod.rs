@@ -93,7 +93,7 @@ pub async fn webhook(
     if let Some(id) = body["transId"].as_str() {
         event = event.target(id);
     }
-    state.auth.audit.record(event);
+    state.auth.audit.record_waiting(event).await;
     answer
 }
 
