@@ -1,4 +1,4 @@
-//! `crm-bench`: performance as ratios measured in one run (`/work/shared/bench.md`): the
+//! `crm-bench`: performance as ratios measured in one run (the method of bench.md, summarised in the README): the
 //! production path against a baseline doing the same work without our layers, same machine,
 //! same load generator, alternating short rounds; the median ratio and the worst round.
 //!
