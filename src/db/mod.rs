@@ -60,6 +60,24 @@ fn sqlite_path(url: &str) -> Option<&str> {
 
 /// The current time at the precision both databases store (microseconds), so that what a
 /// call returns is exactly what a later read returns.
+/// `url` naming database `name` instead of its own (query string kept): how the tests and the
+/// benchmark give themselves a database of their own on a PostgreSQL server.
+pub fn with_database_name(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
 pub fn now() -> chrono::DateTime<chrono::Utc> {
     use chrono::SubsecRound;
     chrono::Utc::now().trunc_subsecs(6)
@@ -92,7 +110,20 @@ pub fn is_unique_violation(err: &DbErr) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::sqlite_path;
+    use super::{sqlite_path, with_database_name};
+
+    #[test]
+    fn a_url_is_pointed_at_another_database() {
+        assert_eq!(
+            with_database_name("postgres://u@h:5432/postgres", "crm_test_1"),
+            "postgres://u@h:5432/crm_test_1"
+        );
+        assert_eq!(
+            with_database_name("postgres://u@h/postgres?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
+        assert_eq!(with_database_name("postgres://h", "x"), "postgres://h/x");
+    }
 
     #[test]
     fn sqlite_paths_are_extracted_from_urls() {

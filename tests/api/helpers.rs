@@ -405,7 +405,7 @@ impl PgDatabase {
             .await
             .expect("create test database");
         let _ = admin.close().await;
-        let url = replace_db_name(&admin_url, &name);
+        let url = crm_server::db::with_database_name(&admin_url, &name);
         Some(Self {
             admin_url,
             name,
@@ -440,22 +440,6 @@ impl Drop for PgDatabase {
             });
         })
         .join();
-    }
-}
-
-fn replace_db_name(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(slash) => &base[..scheme_end + slash],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
     }
 }
 

@@ -36,7 +36,7 @@ impl PgDatabase {
         })?;
         Ok(Self {
             admin_url: admin_url.to_owned(),
-            url: replace_db_name(admin_url, &name),
+            url: crm_server::db::with_database_name(admin_url, &name),
             name,
         })
     }
@@ -59,22 +59,6 @@ impl Drop for PgDatabase {
             })
         })
         .join();
-    }
-}
-
-fn replace_db_name(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(slash) => &base[..scheme_end + slash],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
     }
 }
 
