@@ -127,20 +127,19 @@ impl Verdict {
 
     /// The `x-ratelimit-*` headers (and `retry-after` on a refusal), in whole seconds.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        use crate::transport::context::never_indexed;
         headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
         headers.insert(
             X_RATELIMIT_REMAINING.clone(),
-            never_indexed(HeaderValue::from(self.remaining)),
+            HeaderValue::from(self.remaining),
         );
         headers.insert(
             X_RATELIMIT_RESET.clone(),
-            never_indexed(HeaderValue::from(ceil_secs(self.reset))),
+            HeaderValue::from(ceil_secs(self.reset)),
         );
         if let Some(wait) = self.retry_after {
             headers.insert(
                 http::header::RETRY_AFTER,
-                never_indexed(HeaderValue::from(ceil_secs(wait))),
+                HeaderValue::from(ceil_secs(wait)),
             );
         }
     }

@@ -139,9 +139,7 @@ where
             received_at: chrono::Utc::now(),
         };
         let span = request_span(method, &req, &mut ctx);
-        let request_id = HeaderValue::from_str(&ctx.request_id)
-            .ok()
-            .map(never_indexed);
+        let request_id = HeaderValue::from_str(&ctx.request_id).ok();
         req.extensions_mut().insert(ctx);
         let (production, deadline) = (self.layer.production, self.layer.deadline);
         let answer = (!oversized).then(|| span.in_scope(|| self.inner.call(req)));
@@ -175,15 +173,6 @@ where
             .instrument(span),
         )
     }
-}
-
-/// Marks a value that differs on every answer (request ids, remaining quota) so that HPACK
-/// sends it as a literal instead of adding it to the connection's header table, where each
-/// one would push out the entries that do repeat (the security headers) and make every
-/// answer's headers cost a full encoding. h2 calls such values "sensitive".
-pub fn never_indexed(mut value: HeaderValue) -> HeaderValue {
-    value.set_sensitive(true);
-    value
 }
 
 /// The one server span of a request, continuing the caller's trace. Later layers fill in the
