@@ -93,9 +93,8 @@ fn pool_usage(db: &DatabaseConnection) -> (u32, u32) {
 /// outcome on the request's span. Streams are timed until their headers are sent.
 pub fn record_request(method: &'static str, started: Instant, response: &Response, span: &Span) {
     let outcome = outcome(response);
-    // For the exported span only: recording on a span the JSON log layer also holds makes it
-    // re-encode the span's fields, a cost every request would pay for nothing logged.
-    if super::exporting() {
+    // For the exported span only: a log span has no such fields (`transport::context`).
+    if super::is_exported(span) {
         span.record("outcome", outcome);
         match response
             .headers()

@@ -8,11 +8,16 @@ mod otel;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{FilterExt as _, dynamic_filter_fn},
+    fmt,
+    prelude::*,
+};
 
 use crate::config::LogFormat;
 
-pub use otel::{continue_trace, exporting, trace_id_of};
+pub use otel::{EXPORTED_TARGET, Sampling, is_exported, sample, set_parent, trace_id_of};
 
 /// Noisy dependencies are held at `warn` unless `RUST_LOG` names them (so database spans are
 /// exported only when asked for, at debug level).
@@ -53,44 +58,60 @@ pub fn init(format: LogFormat) -> Telemetry {
             None
         }
     };
-    if tracer_provider.is_some() {
-        otel::set_exporting();
-    }
-    let otel_layer = tracer_provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
-            .with_filter(trace_filter(&rust_log))
-    });
-    let registry = tracing_subscriber::registry().with(otel_layer);
-    let _ = match format {
-        LogFormat::Pretty => registry
+    // Without export, `RUST_LOG` filters the whole subscriber: what it turns off is never even
+    // built. With export, each layer filters for itself. Two traps avoided here: an absent
+    // `Option` layer counts as a layer that wants everything (every request's span would be
+    // built for nobody), and a lone per-layer filter loses the event that follows a
+    // `tracing::enabled!` query it refused (sqlx asks one for each PostgreSQL notice).
+    let registry = tracing_subscriber::registry();
+    let _ = match &tracer_provider {
+        None => registry.with(log_filter).with(log_layer(format)).try_init(),
+        Some(provider) => registry
+            .with(log_layer(format).with_filter(log_filter))
             .with(
-                fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_filter(log_filter),
-            )
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_writer(std::io::stderr)
-                    .with_filter(log_filter),
+                tracing_opentelemetry::layer()
+                    .with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
+                    .with_filter(trace_filter(&rust_log)),
             )
             .try_init(),
     };
     Telemetry { tracer_provider }
 }
 
-/// What is exported: our spans at `info` whatever the log level, dependencies at `warn` unless
-/// `RUST_LOG` names them (`sqlx=debug` exports database spans).
-fn trace_filter(rust_log: &str) -> EnvFilter {
-    rust_log
+/// Log lines to standard error, pretty or JSON (each carrying its request span's ids).
+fn log_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let logs = fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => logs.boxed(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    }
+}
+
+/// What is exported: the spans of sampled requests (`otel::sample` decided when the request
+/// arrived) and what happens inside them, our spans and events at `info` whatever the log
+/// level, dependencies at `warn` unless `RUST_LOG` names them (`sqlx=debug` exports database
+/// spans).
+fn trace_filter<S>(rust_log: &str) -> impl tracing_subscriber::layer::Filter<S> + use<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let levels = rust_log
         .split(',')
         .filter(|directive| directive.contains('='))
         .filter_map(|directive| directive.trim().parse().ok())
-        .fold(EnvFilter::new(DEFAULT_FILTER), EnvFilter::add_directive)
+        .fold(EnvFilter::new(DEFAULT_FILTER), EnvFilter::add_directive);
+    // `lookup_current` sees only spans this filter admitted: inside an unsampled request
+    // there is none, so nothing of it reaches the trace layer.
+    let sampled = dynamic_filter_fn(|meta, cx| {
+        meta.target() == EXPORTED_TARGET || cx.lookup_current().is_some()
+    });
+    levels.and(sampled)
 }

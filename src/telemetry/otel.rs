@@ -1,20 +1,31 @@
 //! The OTLP trace exporter, configured only by the standard `OTEL_*` variables, and W3C trace
 //! context taken from incoming headers (gRPC metadata are headers too).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use anyhow::{Context as _, bail};
 use opentelemetry::{
     propagation::{Extractor, TextMapPropagator},
-    trace::TraceContextExt,
+    trace::{SpanKind, TraceContextExt},
 };
 use opentelemetry_http::{Bytes, HttpClient, HttpError, hyper::HyperClient};
 use opentelemetry_otlp::{SpanExporter, WithExportConfig as _, WithHttpConfig as _};
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{
+        Config, IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracerProvider,
+        ShouldSample,
+    },
+};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// `None` when no endpoint is configured: export is off. Spans go through the SDK's batch
 /// processor, which drops spans when its queue is full rather than slowing requests down.
+///
+/// The sampler of `OTEL_TRACES_SAMPLER`/`_ARG` (as the SDK reads them) is kept for
+/// [`sample`], which decides before a request's span exists; the provider itself records
+/// every span it is given (`AlwaysOn`), since only sampled requests give it one.
 pub(super) fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let Some(endpoint) =
@@ -39,8 +50,10 @@ pub(super) fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     if set("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(env!("CARGO_PKG_NAME"));
     }
+    let _ = SAMPLER.set(Config::default().sampler);
     Ok(Some(
         SdkTracerProvider::builder()
+            .with_sampler(Sampler::AlwaysOn)
             .with_batch_exporter(exporter)
             .with_resource(resource.build())
             .build(),
@@ -96,35 +109,62 @@ impl Extractor for Headers<'_> {
     }
 }
 
-/// Whether spans are exported (set once at start); without export, trace context is only
-/// read from the `traceparent` header and nothing else is done per request.
-static EXPORTING: AtomicBool = AtomicBool::new(false);
+/// The configured sampler, set once when export is on (and only then).
+static SAMPLER: OnceLock<Box<dyn ShouldSample>> = OnceLock::new();
 
-pub(super) fn set_exporting() {
-    EXPORTING.store(true, Ordering::Relaxed);
+/// The tracing target of the request spans that are exported: the trace layer's filter
+/// admits these and what happens inside them, nothing else (`super::trace_filter`).
+pub const EXPORTED_TARGET: &str = "crm_server::exported";
+
+/// Whether `span` is an exported request span (the others serve the logs only).
+pub fn is_exported(span: &tracing::Span) -> bool {
+    span.metadata()
+        .is_some_and(|meta| meta.target() == EXPORTED_TARGET)
 }
 
-/// Whether spans are exported.
-pub fn exporting() -> bool {
-    EXPORTING.load(Ordering::Relaxed)
+/// A request's sampling decision, taken when it arrives.
+pub enum Sampling {
+    /// Export is off.
+    Off,
+    /// Not sampled: the request gets a span for its logs only, which the trace layer never
+    /// sees (building exported span data for every request cost half of P1's throughput).
+    Dropped,
+    /// Sampled: the request's span is exported, as a child of the caller's span if any.
+    Exported(Option<opentelemetry::Context>),
 }
 
-/// Makes the caller's `traceparent` (if any) the parent of `span`.
-pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
-    if !EXPORTING.load(Ordering::Relaxed) || !headers.contains_key("traceparent") {
-        return;
+/// Decides whether a request's span is exported, with the configured sampler: the caller's
+/// W3C `traceparent` is the parent (so `parentbased_*` follows its sampled flag), and a
+/// request without one is a root, decided on a fresh trace id (the ratio samplers draw on
+/// it; the exported span gets its own, equally random).
+pub fn sample(headers: &http::HeaderMap, name: &str) -> Sampling {
+    let Some(sampler) = SAMPLER.get() else {
+        return Sampling::Off;
+    };
+    let parent = headers
+        .contains_key("traceparent")
+        .then(|| TraceContextPropagator::new().extract(&Headers(headers)))
+        .filter(|parent| parent.span().span_context().is_valid());
+    let trace_id = match &parent {
+        Some(parent) => parent.span().span_context().trace_id(),
+        None => RandomIdGenerator::default().new_trace_id(),
+    };
+    let decision = sampler
+        .should_sample(parent.as_ref(), trace_id, name, &SpanKind::Server, &[], &[])
+        .decision;
+    match decision {
+        SamplingDecision::RecordAndSample => Sampling::Exported(parent),
+        SamplingDecision::Drop | SamplingDecision::RecordOnly => Sampling::Dropped,
     }
-    let parent = TraceContextPropagator::new().extract(&Headers(headers));
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
-    }
 }
 
-/// The trace id of `span` when spans are exported (lower-case hex), else `None`.
+/// Makes `parent` (the caller's span) the parent of an exported request span.
+pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
+    let _ = span.set_parent(parent);
+}
+
+/// The trace id of an exported span (lower-case hex).
 pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
-    if !EXPORTING.load(Ordering::Relaxed) {
-        return None;
-    }
     let context = span.context();
     let span_context = context.span().span_context().clone();
     span_context

@@ -175,44 +175,66 @@ where
     }
 }
 
-/// The one server span of a request, continuing the caller's trace. Later layers fill in the
-/// principal (`record_principal`); the outcome is recorded when the answer is ready. No
-/// header values are recorded, so no credential can reach a span.
+/// The one server span of a request. Later layers fill in the principal (`record_principal`);
+/// the outcome is recorded when the answer is ready. No header values are recorded, so no
+/// credential can reach a span.
+///
+/// Whether the span is exported was decided before it exists (`telemetry::sample`). An
+/// exported span carries the OpenTelemetry fields and continues the caller's trace; any other
+/// request gets a span for its log lines only, under a target the trace layer does not admit,
+/// with just the ids that tie those lines together: the log layer formats a span's fields when
+/// it is made and again on every later record, which every request would pay for.
 fn request_span<B>(
     method: &'static str,
     req: &Request<B>,
     ctx: &mut RequestContext,
 ) -> tracing::Span {
+    use crate::telemetry::{self, EXPORTED_TARGET, Sampling};
     use tracing::field::Empty;
-    let span = tracing::info_span!(
-        "request",
-        otel.name = method,
-        otel.kind = "server",
-        otel.status_code = Empty,
-        http.request.method = %req.method(),
-        request_id = %ctx.request_id,
-        trace_id = Empty,
-        principal.kind = Empty,
-        principal.name = Empty,
-        outcome = Empty,
-        status = Empty,
-    );
-    crate::telemetry::continue_trace(&span, req.headers());
-    if let Some(exported) = crate::telemetry::trace_id_of(&span) {
-        ctx.trace_id = Some(exported);
+    match telemetry::sample(req.headers(), method) {
+        Sampling::Exported(parent) => {
+            let span = tracing::info_span!(
+                target: EXPORTED_TARGET,
+                "request",
+                otel.name = method,
+                otel.kind = "server",
+                otel.status_code = Empty,
+                http.request.method = %req.method(),
+                request_id = %ctx.request_id,
+                trace_id = Empty,
+                principal.kind = Empty,
+                principal.name = Empty,
+                outcome = Empty,
+                status = Empty,
+            );
+            if let Some(parent) = parent {
+                telemetry::set_parent(&span, parent);
+            }
+            if let Some(exported) = telemetry::trace_id_of(&span) {
+                ctx.trace_id = Some(exported);
+            }
+            if let Some(trace_id) = &ctx.trace_id {
+                span.record("trace_id", trace_id.as_str());
+            }
+            span
+        }
+        Sampling::Off | Sampling::Dropped => match &ctx.trace_id {
+            Some(trace_id) => {
+                tracing::info_span!("request", request_id = %ctx.request_id, trace_id = %trace_id)
+            }
+            None => tracing::info_span!("request", request_id = %ctx.request_id),
+        },
     }
-    if let Some(trace_id) = &ctx.trace_id {
-        span.record("trace_id", trace_id.as_str());
-    }
-    span
 }
 
-/// Names the caller on the current request span: its kind (`service`, `user`, `provider`)
-/// and its name (service name, user id, provider), never a credential.
+/// Names the caller on the current request span, when it is exported: its kind (`service`,
+/// `user`, `provider`) and its name (service name, user id, provider), never a credential.
 pub fn record_principal(kind: &str, name: &str) {
-    tracing::Span::current()
-        .record("principal.kind", kind)
-        .record("principal.name", name);
+    let span = tracing::Span::current();
+    if crate::telemetry::is_exported(&span) {
+        span.record("principal.kind", kind)
+            .record("principal.name", name);
+    }
 }
 
 /// The caller's `x-request-id` when it is sane (1–128 visible ASCII), else a fresh UUID.

@@ -356,3 +356,30 @@ fn user_create_prints_the_new_id_and_refuses_bad_input() {
     assert_ne!(code, 0);
     assert!(stderr.contains("password"), "{stderr}");
 }
+
+/// sqlx asks `tracing::enabled!` about every PostgreSQL notice (migrations raise some); a
+/// subscriber whose only filter is a per-layer one drops the next event after such a refused
+/// query, which here was the line saying where the server listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_at_warn_the_server_still_says_where_it_listens() {
+    let Some(pg) = crate::helpers::PgDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let (code, _, stderr) = run(crm(dir.path()).env("DATABASE_URL", &pg.url).arg("migrate"));
+    assert_eq!(code, 0, "{stderr}");
+    let mut child = crm(dir.path())
+        .env("DATABASE_URL", &pg.url)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn,crm_server::startup=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    let (log, reader) = capture_stderr(&mut child);
+    let port = wait_for_port(&log);
+    assert!(port > 0);
+    let _ = child.kill();
+    let _ = child.wait();
+    reader.join().expect("log reader");
+}

@@ -392,7 +392,7 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
-    async fn create() -> Option<Self> {
+    pub async fn create() -> Option<Self> {
         let admin_url = std::env::var("TEST_DATABASE_URL")
             .ok()
             .filter(|u| !u.is_empty())?;

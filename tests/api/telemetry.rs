@@ -262,52 +262,137 @@ async fn a_callers_trace_continues_into_our_server_span_over_otlp_http() {
     trace_continues_over("http/protobuf", Some("warn,crm_server::startup=info")).await;
 }
 
+/// The server binary exporting to an OTLP receiver run by the test.
+struct Exporting {
+    receiver: Receiver,
+    child: std::process::Child,
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    channel: tonic::transport::Channel,
+    _dir: tempfile::TempDir,
+}
+
+/// A test that fails midway must not leave its server running.
+impl Drop for Exporting {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+const TRACE_TEST_TOKEN: &str = "otel-test-raw-token-for-bot1-00000000000000000000";
+
+impl Exporting {
+    async fn start(protocol: &str, env: &[(&str, &str)]) -> Self {
+        let receiver = Receiver::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let otlp_port = listener.local_addr().expect("addr").port();
+        receiver.serve(listener, protocol);
+
+        let dir = tempfile::tempdir().expect("dir");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crm-server"))
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "DATABASE_URL",
+                format!("sqlite://{}/crm.db?mode=rwc", dir.path().display()),
+            )
+            .env("CRM_DATA_DIR", dir.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("LOG_FORMAT", "json")
+            .env("SERVICE_TOKEN_BOT1_HASH", sha256_hex(TRACE_TEST_TOKEN))
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{otlp_port}"),
+            )
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+            .env("OTEL_SERVICE_NAME", "crm-server-test")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server starts");
+        let (log, reader) = crate::binary::capture_stderr(&mut child);
+        let port = crate::binary::wait_for_port(&log);
+        let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        Self {
+            receiver,
+            child,
+            log,
+            reader: Some(reader),
+            channel,
+            _dir: dir,
+        }
+    }
+
+    /// SIGTERM: the server flushes its queued spans, exits 0; returns its log.
+    fn stop(mut self) -> String {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status()
+                .expect("kill")
+                .success()
+        );
+        let status = self.child.wait().expect("exit");
+        assert_eq!(status.code(), Some(0));
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("log reader");
+        }
+        let log = self.log.lock().expect("log").clone();
+        assert!(!log.contains(TRACE_TEST_TOKEN), "a token reached the log");
+        log
+    }
+
+    /// A ListPrograms call, with `traceparent` when given.
+    async fn list_programs(&self, traceparent: Option<&str>) {
+        let mut request = with_token(proto::ListProgramsRequest::default(), TRACE_TEST_TOKEN);
+        if let Some(traceparent) = traceparent {
+            request
+                .metadata_mut()
+                .insert("traceparent", traceparent.parse().expect("ascii"));
+        }
+        proto::application_service_client::ApplicationServiceClient::new(self.channel.clone())
+            .list_programs(request)
+            .await
+            .expect("listed");
+    }
+
+    /// A SubmitApplication call (logged at `info`), with `traceparent`.
+    async fn submit(&self, traceparent: &str) {
+        let mut request = with_token(
+            proto::SubmitApplicationRequest {
+                full_name: "Sampled Out".into(),
+                phone: "+998901112244".into(),
+                language: "en".into(),
+                ..Default::default()
+            },
+            TRACE_TEST_TOKEN,
+        );
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent.parse().expect("ascii"));
+        proto::application_service_client::ApplicationServiceClient::new(self.channel.clone())
+            .submit_application(request)
+            .await
+            .expect("submitted");
+    }
+}
+
 /// Runs the server binary exporting to an OTLP receiver; with the default `RUST_LOG` (`None`)
 /// also checks that the request's log lines carry its ids.
 async fn trace_continues_over(protocol: &str, rust_log: Option<&str>) {
-    let receiver = Receiver::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let otlp_port = listener.local_addr().expect("addr").port();
-    receiver.serve(listener, protocol);
-
-    let dir = tempfile::tempdir().expect("dir");
-    let token = "otel-test-raw-token-for-bot1-00000000000000000000";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crm-server"))
-        .current_dir(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}/crm.db?mode=rwc", dir.path().display()),
-        )
-        .env("CRM_DATA_DIR", dir.path())
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("LOG_FORMAT", "json")
-        .env("SERVICE_TOKEN_BOT1_HASH", sha256_hex(token))
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{otlp_port}"),
-        )
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
-        .env("RUST_LOG", rust_log.unwrap_or(""))
-        .env("OTEL_SERVICE_NAME", "crm-server-test")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("server starts");
-    let (log, reader) = crate::binary::capture_stderr(&mut child);
-    let port = crate::binary::wait_for_port(&log);
-
+    let server = Exporting::start(protocol, &[("RUST_LOG", rust_log.unwrap_or(""))]).await;
+    let (receiver, token) = (&server.receiver, TRACE_TEST_TOKEN);
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_id = "00f067aa0ba902b7";
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
     let mut request = with_token(
         proto::SubmitApplicationRequest {
             full_name: "Trace Tester".into(),
@@ -327,10 +412,11 @@ async fn trace_continues_over(protocol: &str, rust_log: Option<&str>) {
         "x-request-id",
         "trace-test-request-1".parse().expect("ascii"),
     );
-    let response = proto::application_service_client::ApplicationServiceClient::new(channel)
-        .submit_application(request)
-        .await
-        .expect("submitted");
+    let response =
+        proto::application_service_client::ApplicationServiceClient::new(server.channel.clone())
+            .submit_application(request)
+            .await
+            .expect("submitted");
     assert_eq!(
         response
             .metadata()
@@ -384,19 +470,8 @@ async fn trace_continues_over(protocol: &str, rust_log: Option<&str>) {
         }
     }
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let status = child.wait().expect("exit");
-    assert_eq!(status.code(), Some(0));
-    reader.join().expect("log reader");
     // The request's JSON log lines carry its request and trace ids.
-    let log = log.lock().expect("log").clone();
-    assert!(!log.contains(token), "a token reached the log");
+    let log = server.stop();
     if rust_log.is_some() {
         return;
     }
@@ -407,4 +482,71 @@ async fn trace_continues_over(protocol: &str, rust_log: Option<&str>) {
         .expect("the submit was logged");
     assert_eq!(line["span"]["trace_id"], trace_id, "{line}");
     assert_eq!(line["span"]["request_id"], "trace-test-request-1", "{line}");
+}
+
+/// The sampling decision is taken when a request arrives, before its span exists, with the
+/// configured sampler: a caller's sampled flag is followed under `parentbased_*`, a root
+/// request is never exported under `parentbased_always_off`, and nothing is exported twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_sampled_requests_are_exported_and_their_parent_decides() {
+    let server = Exporting::start(
+        "grpc",
+        &[
+            ("RUST_LOG", ""),
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
+        ],
+    )
+    .await;
+    let sampled = "0af7651916cd43dd8448eb211c80319c";
+    let unsampled = "5b8efff798038103d269b633813fc60c";
+    server
+        .list_programs(Some(&format!("00-{sampled}-b7ad6b7169203331-01")))
+        .await;
+    server
+        .submit(&format!("00-{unsampled}-b7ad6b7169203331-00"))
+        .await;
+    for _ in 0..20 {
+        server.list_programs(None).await;
+    }
+    let receiver = server.receiver.clone();
+    let log = server.stop(); // flushes what is queued
+    let spans = receiver.spans.lock().expect("spans").clone();
+    let traces: Vec<String> = spans.iter().map(|s| hex::encode(&s.trace_id)).collect();
+    assert_eq!(traces, [sampled], "exactly the sampled request's span");
+    // An unsampled request still logs with its ids (its span serves the logs).
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "application submitted")
+        .expect("the submit was logged");
+    assert_eq!(line["span"]["trace_id"], unsampled, "{line}");
+}
+
+/// A ratio sampler samples root requests once: half of them at 0.5 (a second decision
+/// further down would export a quarter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ratio_sampler_exports_its_share_of_root_requests() {
+    let server = Exporting::start(
+        "grpc",
+        &[
+            ("RUST_LOG", "warn,crm_server::startup=info"),
+            ("RATE_LIMIT_ENABLED", "false"),
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "4096"),
+        ],
+    )
+    .await;
+    let calls = 400;
+    for _ in 0..calls {
+        server.list_programs(None).await;
+    }
+    let receiver = server.receiver.clone();
+    server.stop();
+    let exported = receiver.spans.lock().expect("spans").len();
+    // Binomial(400, 0.5): 200 ± 10; a double decision would give 100 ± 9.
+    assert!(
+        (150..=250).contains(&exported),
+        "{exported} of {calls} root requests exported at ratio 0.5"
+    );
 }
