@@ -142,7 +142,10 @@ impl Application {
                 .await
                 .context("cannot listen for payment events")?,
         );
-        let idempotency = Arc::new(Idempotency::new(db.clone()));
+        let claims = db::connect_claims(&settings, &db)
+            .await
+            .context("cannot open the idempotency claim pool")?;
+        let idempotency = Arc::new(Idempotency::new(db.clone(), claims));
         let payments = Payments::new(db.clone(), settings.clone(), payment_events);
         let auth = Authenticator {
             tokens: tokens.clone(),

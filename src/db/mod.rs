@@ -1,6 +1,7 @@
 //! The database: connecting (SQLite or PostgreSQL), migrating, and classifying errors.
 
 pub mod entities;
+pub mod raw;
 mod uncommitted;
 
 pub use uncommitted::Uncommitted;
@@ -24,9 +25,35 @@ pub async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
         std::fs::create_dir_all(parent)
             .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", parent.display())))?;
     }
+    Database::connect(options(url, settings.database_pool_size)).await
+}
+
+/// Claims are one short statement each; see [`connect_claims`].
+const CLAIM_POOL_SIZE: u32 = 2;
+
+/// The pool idempotency keys are claimed through. On PostgreSQL it is a second, small pool
+/// whose commits do not wait for the disk (`synchronous_commit = off`): a claim is one quick
+/// statement that must not cost a second disk flush per call. That is safe for a claim: the
+/// WAL is written in order, so the flush of the claimed change's own (synchronous) commit
+/// makes the claim durable too, and a claim lost in a database crash had no committed change
+/// behind it, so the retry that finds no claim runs the call as it should. On SQLite (one
+/// writer, `synchronous = NORMAL` in WAL mode) it is the main pool.
+pub async fn connect_claims(
+    settings: &Settings,
+    main: &DatabaseConnection,
+) -> Result<DatabaseConnection, DbErr> {
+    if main.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(main.clone());
+    }
+    let mut options = options(settings.database_url.expose_secret(), CLAIM_POOL_SIZE);
+    options.map_sqlx_postgres_opts(|opts| opts.options([("synchronous_commit", "off")]));
+    Database::connect(options).await
+}
+
+fn options(url: &str, pool_size: u32) -> ConnectOptions {
     let mut options = ConnectOptions::new(url.to_owned());
     options
-        .max_connections(settings.database_pool_size)
+        .max_connections(pool_size)
         .min_connections(1)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
@@ -41,8 +68,44 @@ pub async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
+        })
+        .map_sqlx_sqlite_pool_opts(|pool| {
+            pool.after_connect(|conn, _| {
+                Box::pin(async move { stable_plans(conn, true).await.map(drop) })
+            })
         });
-    Database::connect(options).await
+    options
+}
+
+/// Turns on SQLite's query planner stability guarantee for a connection (or, with `on`
+/// false, only reads it); returns whether it is on. Without it, a statement whose `LIMIT`
+/// is a bound parameter (every sea-orm `.one()`, every page) is planned again on each
+/// execution, since SQLite may plan by the bound value: that re-parse was about 120 000
+/// instructions per query, most of a Payme `CheckPerformTransaction`.
+async fn stable_plans(
+    conn: &mut sea_orm::sqlx::SqliteConnection,
+    on: bool,
+) -> Result<bool, sea_orm::sqlx::Error> {
+    use libsqlite3_sys::{SQLITE_DBCONFIG_ENABLE_QPSG, SQLITE_OK, sqlite3_db_config};
+    use std::ffi::c_int;
+    let mut handle = conn.lock_handle().await?;
+    let mut enabled: c_int = 0;
+    // SAFETY: the handle is this open connection's, locked for the duration of the call;
+    // ENABLE_QPSG takes an int (1 on, -1 read only) and a pointer to an int for the result.
+    let rc = unsafe {
+        sqlite3_db_config(
+            handle.as_raw_handle().as_ptr(),
+            SQLITE_DBCONFIG_ENABLE_QPSG,
+            if on { 1 } else { -1 } as c_int,
+            &mut enabled as *mut c_int,
+        )
+    };
+    if rc != SQLITE_OK {
+        return Err(sea_orm::sqlx::Error::Configuration(
+            format!("sqlite3_db_config(ENABLE_QPSG) failed with code {rc}").into(),
+        ));
+    }
+    Ok(enabled == 1)
 }
 
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
@@ -58,8 +121,6 @@ fn sqlite_path(url: &str) -> Option<&str> {
     (!path.is_empty() && path != ":memory:").then_some(path)
 }
 
-/// The current time at the precision both databases store (microseconds), so that what a
-/// call returns is exactly what a later read returns.
 /// `url` naming database `name` instead of its own (query string kept): how the tests and the
 /// benchmark give themselves a database of their own on a PostgreSQL server.
 pub fn with_database_name(url: &str, name: &str) -> String {
@@ -78,6 +139,8 @@ pub fn with_database_name(url: &str, name: &str) -> String {
     }
 }
 
+/// The current time at the precision both databases store (microseconds), so that what a
+/// call returns is exactly what a later read returns.
 pub fn now() -> chrono::DateTime<chrono::Utc> {
     use chrono::SubsecRound;
     chrono::Utc::now().trunc_subsecs(6)
@@ -110,7 +173,20 @@ pub fn is_unique_violation(err: &DbErr) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{sqlite_path, with_database_name};
+    use super::{options, sqlite_path, stable_plans, with_database_name};
+
+    #[tokio::test]
+    async fn sqlite_connections_plan_each_statement_once() {
+        let db = sea_orm::Database::connect(options("sqlite::memory:", 1))
+            .await
+            .expect("in-memory database");
+        let mut conn = db
+            .get_sqlite_connection_pool()
+            .acquire()
+            .await
+            .expect("a connection");
+        assert!(stable_plans(&mut conn, false).await.expect("read back"));
+    }
 
     #[test]
     fn a_url_is_pointed_at_another_database() {

@@ -140,11 +140,14 @@ enum Claim {
 #[derive(Clone)]
 pub struct Idempotency {
     db: DatabaseConnection,
+    /// Where keys are claimed: on PostgreSQL, a pool committing without waiting for the disk
+    /// (`db::connect_claims` says why that is safe).
+    claims: DatabaseConnection,
 }
 
 impl Idempotency {
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+    pub fn new(db: DatabaseConnection, claims: DatabaseConnection) -> Self {
+        Self { db, claims }
     }
 
     /// Runs `work` once per (principal, method, key); without a key, simply runs it and
@@ -313,7 +316,7 @@ impl Idempotency {
             .do_nothing()
             .to_owned(),
         )
-        .exec_without_returning(&self.db)
+        .exec_without_returning(&self.claims)
         .await?;
         if inserted == 1 {
             return Ok(Claim::Fresh);

@@ -5,7 +5,11 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
 
 use crate::{
     audit::Actor,
-    db::{self, entities::provider_transaction as ptx},
+    db::{
+        self,
+        entities::{invoice, provider_transaction as ptx},
+        raw,
+    },
     error::AppError,
     payments::{Provider, ProviderEvent, ProviderOutcome},
     state::AppState,
@@ -62,25 +66,29 @@ pub async fn find(
     provider: Provider,
     provider_tx_id: &str,
 ) -> Result<Option<ptx::Model>, AppError> {
-    Ok(ptx::Entity::find()
-        .filter(ptx::Column::Provider.eq(provider.as_str()))
-        .filter(ptx::Column::ProviderTxId.eq(provider_tx_id))
-        .one(&state.db)
-        .await?)
+    const SQL: &str =
+        "SELECT * FROM provider_transactions WHERE provider = $1 AND provider_tx_id = $2";
+    Ok(raw::one(&state.db, SQL, &[provider.as_str(), provider_tx_id]).await?)
 }
 
 pub async fn reload(state: &AppState, row: &ptx::Model) -> Result<ptx::Model, AppError> {
-    ptx::Entity::find_by_id(row.id.as_str())
-        .one(&state.db)
+    const SQL: &str = "SELECT * FROM provider_transactions WHERE id = $1";
+    raw::one(&state.db, SQL, &[row.id.as_str()])
         .await?
         .ok_or_else(|| AppError::not_found("provider transaction"))
 }
 
+/// The invoice a provider names, by its id.
+pub async fn invoice(state: &AppState, id: &str) -> Result<Option<invoice::Model>, AppError> {
+    const SQL: &str = "SELECT * FROM invoices WHERE id = $1";
+    Ok(raw::one(&state.db, SQL, &[id]).await?)
+}
+
 /// Whether another active transaction (of any provider) holds the invoice.
 pub async fn invoice_held(state: &AppState, invoice_id: &str) -> Result<bool, AppError> {
-    Ok(ptx::Entity::find()
-        .filter(ptx::Column::ActiveKey.eq(invoice_id))
-        .one(&state.db)
+    // `active_key` is unique: at most one row.
+    const SQL: &str = "SELECT * FROM provider_transactions WHERE active_key = $1";
+    Ok(raw::one::<ptx::Model>(&state.db, SQL, &[invoice_id])
         .await?
         .is_some())
 }

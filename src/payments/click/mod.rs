@@ -168,12 +168,7 @@ async fn handle(state: &AppState, f: &Fields, stage: Stage) -> Result<Value, App
     // -5: the invoice.
     let invoice_id = &f["merchant_trans_id"];
     let invoice = match uuid::Uuid::try_parse(invoice_id) {
-        Ok(_) => {
-            use sea_orm::EntityTrait;
-            invoice::Entity::find_by_id(invoice_id.as_str())
-                .one(&state.db)
-                .await?
-        }
+        Ok(_) => transactions::invoice(state, invoice_id).await?,
         Err(_) => None,
     };
     let Some(invoice) = invoice else {

@@ -217,8 +217,7 @@ impl Payme<'_> {
             })
             .filter(|id| uuid::Uuid::try_parse(id).is_ok())
             .ok_or_else(not_found)?;
-        Ok(invoice::Entity::find_by_id(id)
-            .one(self.db())
+        Ok(transactions::invoice(self.state, &id)
             .await?
             .ok_or_else(not_found)?)
     }
@@ -245,11 +244,7 @@ impl Payme<'_> {
     }
 
     async fn find(&self, payme_id: &str) -> Result<Option<ptx::Model>, Failure> {
-        Ok(ptx::Entity::find()
-            .filter(ptx::Column::Provider.eq(PROVIDER))
-            .filter(ptx::Column::ProviderTxId.eq(payme_id))
-            .one(self.db())
-            .await?)
+        Ok(transactions::find(self.state, Provider::Payme, payme_id).await?)
     }
 
     async fn create(&self, params: &Value) -> Result<Value, Failure> {
@@ -347,10 +342,12 @@ impl Payme<'_> {
     }
 
     async fn reload(&self, row: &ptx::Model) -> Result<ptx::Model, Failure> {
-        Ok(ptx::Entity::find_by_id(row.id.as_str())
-            .one(self.db())
-            .await?
-            .ok_or_else(|| RpcError::new(TX_NOT_FOUND))?)
+        match transactions::reload(self.state, row).await {
+            Err(e) if e.reason() == crate::error::Reason::NotFound => {
+                Err(RpcError::new(TX_NOT_FOUND).into())
+            }
+            found => Ok(found?),
+        }
     }
 
     async fn perform(&self, params: &Value) -> Result<Value, Failure> {

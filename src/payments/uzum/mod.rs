@@ -237,11 +237,7 @@ impl Uzum<'_> {
             return Ok(Err(MISSING_PARAMS));
         };
         let found = match uuid::Uuid::try_parse(order_id) {
-            Ok(_) => {
-                invoice::Entity::find_by_id(order_id)
-                    .one(&self.state.db)
-                    .await?
-            }
+            Ok(_) => transactions::invoice(self.state, order_id).await?,
             Err(_) => None,
         };
         let Some(invoice) = found else {

@@ -5,7 +5,8 @@
 //! (`PAYME_LOGIN`/`PAYME_SECRET_KEY` from the environment) like any handler must.
 //!
 //! Every call is audited as the server audits it: one `audit_log` row per call, queued and
-//! written in multi-row INSERTs of up to 500 by a background task (`src/audit.rs`).
+//! written in multi-row INSERTs of up to 500 by a background task (`src/audit.rs`); a call
+//! waits for room in a full queue, as the server's provider calls do.
 //!
 //! What it leaves out are the server's layers: request context and span, metrics, security
 //! headers, transport limits, throttling of unauthenticated callers, and the in-process change
@@ -127,11 +128,12 @@ async fn webhook(State(bare): State<Arc<Bare>>, headers: HeaderMap, body: Bytes)
         outcome: code,
         request_id: uuid::Uuid::new_v4().to_string(),
     };
-    // Like the server: a full queue drops the row (and says so) rather than slowing the call.
-    if bare.audit.try_send(row).is_err() {
+    // Like the server (`AuditSink::record_waiting`): a provider's call waits for room in a
+    // full queue rather than lose its row.
+    if bare.audit.send(row).await.is_err() {
         eprintln!(
             "{}",
-            json!({"level": "WARN", "message": "audit queue full; an audit row was dropped"})
+            json!({"level": "ERROR", "message": "audit writer stopped; an audit row was dropped"})
         );
     }
     Json(answer)
