@@ -65,6 +65,9 @@ pub struct PaymeSettings {
     pub checkout_url: String,
     pub allowed_ips: Vec<IpNet>,
     pub allow_refund: bool,
+    /// The `Authorization` value Payme must send (`Basic base64(login:key)`), made once here
+    /// rather than on every call; `None` while the provider is off.
+    pub expected_authorization: Option<SecretString>,
 }
 
 /// Click SHOP API. Off while `service_id`, `merchant_id` or `secret_key` is unset.
@@ -86,6 +89,16 @@ pub struct UzumSettings {
     pub secret_key: Option<SecretString>,
     pub allow_refund: bool,
     pub checkout_url: String,
+    /// The `Authorization` value Uzum must send (`Basic base64(login:password)`), made once
+    /// here; `None` while the provider is off.
+    pub expected_authorization: Option<SecretString>,
+}
+
+/// `Basic base64(user:password)`, the value an HTTP Basic caller sends.
+fn basic_authorization(user: &str, password: &SecretString) -> SecretString {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    let credentials = format!("{user}:{}", password.expose_secret());
+    SecretString::from(format!("Basic {}", STANDARD.encode(credentials)))
 }
 
 #[derive(Debug, Clone)]
@@ -356,10 +369,16 @@ impl Settings {
 
         let secret = |name: &str| v.get(name).map(|x| SecretString::from(x.to_owned()));
         let owned = |name: &str| v.get(name).map(str::to_owned);
+        let payme_login = v.get("PAYME_LOGIN").unwrap_or("Paycom").to_owned();
+        let payme_key = secret("PAYME_SECRET_KEY");
         let payme = PaymeSettings {
             merchant_id: owned("PAYME_MERCHANT_ID"),
-            secret_key: secret("PAYME_SECRET_KEY"),
-            login: v.get("PAYME_LOGIN").unwrap_or("Paycom").to_owned(),
+            expected_authorization: match (&payme_key, v.get("PAYME_MERCHANT_ID")) {
+                (Some(key), Some(_)) => Some(basic_authorization(&payme_login, key)),
+                _ => None,
+            },
+            secret_key: payme_key,
+            login: payme_login,
             account_field: v
                 .get("PAYME_ACCOUNT_FIELD")
                 .unwrap_or("order_id")
@@ -396,10 +415,17 @@ impl Settings {
                 .unwrap_or("https://my.click.uz/services/pay")
                 .to_owned(),
         };
+        let (uzum_login, uzum_password) = (owned("UZUM_LOGIN"), secret("UZUM_PASSWORD"));
         let uzum = UzumSettings {
             service_id: owned("UZUM_SERVICE_ID"),
-            login: owned("UZUM_LOGIN"),
-            password: secret("UZUM_PASSWORD"),
+            expected_authorization: match (&uzum_login, &uzum_password, v.get("UZUM_SERVICE_ID")) {
+                (Some(login), Some(password), Some(_)) => {
+                    Some(basic_authorization(login, password))
+                }
+                _ => None,
+            },
+            login: uzum_login,
+            password: uzum_password,
             secret_key: secret("UZUM_SECRET_KEY"),
             allow_refund: v.flag("UZUM_ALLOW_REFUND", true)?,
             checkout_url: v

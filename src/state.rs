@@ -16,8 +16,11 @@ use crate::{
     ratelimit::RateLimiter,
 };
 
+/// Cloned for every REST request (axum's `State`): one reference count, not one per part.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Parts>);
+
+pub struct Parts {
     pub settings: Arc<Settings>,
     pub db: DatabaseConnection,
     pub limiter: RateLimiter,
@@ -27,7 +30,14 @@ pub struct AppState {
     pub applications: Applications,
     pub payments: Payments,
     pub idempotency: Arc<Idempotency>,
-    shutting_down: Arc<AtomicBool>,
+    shutting_down: AtomicBool,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
 }
 
 impl AppState {
@@ -40,7 +50,7 @@ impl AppState {
         payments: Payments,
         idempotency: Arc<Idempotency>,
     ) -> Self {
-        Self {
+        Self(Arc::new(Parts {
             settings,
             db,
             limiter,
@@ -50,8 +60,8 @@ impl AppState {
             applications,
             payments,
             idempotency,
-            shutting_down: Arc::default(),
-        }
+            shutting_down: AtomicBool::new(false),
+        }))
     }
 
     pub fn is_shutting_down(&self) -> bool {

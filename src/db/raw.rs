@@ -47,6 +47,6 @@ where
 }
 
 /// As sea-orm reports a failed query, so `db::is_connection_error` reads both alike.
-fn query_err(e: sqlx::Error) -> DbErr {
+pub(crate) fn query_err(e: sqlx::Error) -> DbErr {
     DbErr::Query(RuntimeErr::SqlxError(e.into()))
 }

@@ -233,6 +233,8 @@ both_databases! {
         let audit = app.audit_rows("auth.refresh_reuse", 1).await;
         assert_eq!(audit.len(), 1);
         assert_eq!(audit[0].outcome, "REFRESH_TOKEN_INVALID");
+        // Written by the background batch writer, detail included.
+        assert_eq!(audit[0].detail.as_ref().map(|d| d["user_id"] == first.user.as_ref().expect("user").id), Some(true));
         let refreshes = app.audit_rows("auth.refresh", 2).await;
         let outcomes: Vec<&str> = refreshes.iter().map(|r| r.outcome.as_str()).collect();
         assert_eq!(outcomes.iter().filter(|o| **o == "OK").count(), 1, "{outcomes:?}");

@@ -13,7 +13,6 @@ use axum::{
     extract::State,
     http::{HeaderMap, Method},
 };
-use base64::{Engine, engine::general_purpose::STANDARD};
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Set,
@@ -117,7 +116,7 @@ async fn handle(
 /// provider is off. `PAYME_ALLOWED_IPS`, when set, must contain the client address.
 fn authorized(state: &AppState, ctx: &RequestContext, headers: &HeaderMap) -> bool {
     let payme = &state.settings.payme;
-    let (Some(key), Some(_)) = (&payme.secret_key, &payme.merchant_id) else {
+    let Some(expected) = &payme.expected_authorization else {
         return false;
     };
     if !payme.allowed_ips.is_empty()
@@ -125,14 +124,9 @@ fn authorized(state: &AppState, ctx: &RequestContext, headers: &HeaderMap) -> bo
     {
         return false;
     }
-    let expected = format!(
-        "Basic {}",
-        STANDARD.encode(format!("{}:{}", payme.login, key.expose_secret()))
-    );
     headers
         .get(http::header::AUTHORIZATION)
-        .map(|v| bool::from(v.as_bytes().ct_eq(expected.as_bytes())))
-        .unwrap_or(false)
+        .is_some_and(|v| bool::from(v.as_bytes().ct_eq(expected.expose_secret().as_bytes())))
 }
 
 enum Failure {

@@ -11,7 +11,6 @@ use axum::{
     extract::{Path, State},
     http::{HeaderMap, Method, StatusCode},
 };
-use base64::{Engine, engine::general_purpose::STANDARD};
 use hmac::{Hmac, KeyInit, Mac};
 use sea_orm::{ActiveModelTrait, EntityTrait, Set};
 use secrecy::ExposeSecret;
@@ -151,16 +150,12 @@ async fn handle(
 /// `X-Signature: hex(HMAC-SHA256(secret, raw body))`. Unset keys: the provider is off.
 fn authorized(state: &AppState, headers: &HeaderMap, body: &[u8]) -> bool {
     let u = &state.settings.uzum;
-    let (Some(login), Some(password), Some(_)) = (&u.login, &u.password, &u.service_id) else {
+    let Some(expected) = &u.expected_authorization else {
         return false;
     };
-    let expected = format!(
-        "Basic {}",
-        STANDARD.encode(format!("{login}:{}", password.expose_secret()))
-    );
     let basic_ok = headers
         .get(http::header::AUTHORIZATION)
-        .is_some_and(|v| bool::from(v.as_bytes().ct_eq(expected.as_bytes())));
+        .is_some_and(|v| bool::from(v.as_bytes().ct_eq(expected.expose_secret().as_bytes())));
     if !basic_ok {
         return false;
     }
