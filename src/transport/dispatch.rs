@@ -1,4 +1,5 @@
-//! The service the listener serves: gRPC (native and gRPC-web) by path, REST for the rest.
+//! The service the listener serves: gRPC (native and gRPC-web) by path, REST for the rest
+//! (after the script-query filter, a plain function call here).
 //!
 //! The gRPC side is composed with plain tower layers around tonic's routes, not with axum's
 //! `Router::layer`: axum wraps a route in a fresh boxed service per `layer` call and clones a
@@ -11,7 +12,7 @@ use std::{
 };
 
 use axum::body::Body;
-use futures::future::{Either, Map};
+use futures::future::{Either, Map, Ready, ready};
 use http::{Request, Response};
 use tower::Service;
 
@@ -45,8 +46,13 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future =
-        Either<Map<G::Future, IntoAxum<GB>>, axum::routing::future::RouteFuture<Infallible>>;
+    type Future = Either<
+        Map<G::Future, IntoAxum<GB>>,
+        Either<
+            Ready<Result<Response<Body>, Infallible>>,
+            axum::routing::future::RouteFuture<Infallible>,
+        >,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         match self.grpc.poll_ready(cx) {
@@ -60,8 +66,10 @@ where
         if is_grpc_path(req.uri().path()) {
             let into_axum: IntoAxum<GB> = |answer| answer.map(|res| res.map(Body::new));
             Either::Left(self.grpc.call(req).map(into_axum))
+        } else if let Some(refusal) = super::rest::refuse_script_query(req.uri()) {
+            Either::Right(Either::Left(ready(Ok(refusal))))
         } else {
-            Either::Right(self.rest.call(req))
+            Either::Right(Either::Right(self.rest.call(req)))
         }
     }
 }
