@@ -7,7 +7,10 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, Set};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryTrait, Set,
+    sea_query::InsertStatement,
+};
 use tokio::sync::mpsc;
 
 use crate::{auth::Principal, db::entities::audit_log, transport::context::RequestContext};
@@ -104,6 +107,12 @@ impl AuditEvent {
 
     /// Writes the row on `conn`: pass the transaction that makes the audited change.
     pub async fn write<C: ConnectionTrait>(self, conn: &C) -> Result<(), DbErr> {
+        conn.execute(&self.insert_statement()).await?;
+        Ok(())
+    }
+
+    /// The row's `INSERT`, to run with the change it records (`db::insert_together`).
+    pub fn insert_statement(self) -> InsertStatement {
         let row = audit_log::ActiveModel {
             occurred_at: Set(self.occurred_at),
             actor_kind: Set(self.actor_kind.to_owned()),
@@ -117,10 +126,7 @@ impl AuditEvent {
             detail: Set(self.detail),
             ..Default::default()
         };
-        audit_log::Entity::insert(row)
-            .exec_without_returning(conn)
-            .await?;
-        Ok(())
+        audit_log::Entity::insert(row).into_query()
     }
 }
 

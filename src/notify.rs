@@ -8,7 +8,10 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
+    sea_query::{Func, Query, SelectStatement},
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -52,17 +55,21 @@ impl<T: Clone + Send + 'static> Notifier<T> {
         txn: &C,
         notice: &Notice,
     ) -> Result<(), DbErr> {
+        if let Some(announcement) = self.announcement(notice)? {
+            txn.execute(&announcement).await?;
+        }
+        Ok(())
+    }
+
+    /// The `SELECT pg_notify(..)` of [`Self::announce`], to run with the change it announces
+    /// (`db::insert_together`); `None` on SQLite.
+    pub fn announcement(&self, notice: &Notice) -> Result<Option<SelectStatement>, DbErr> {
         if !self.postgres {
-            return Ok(());
+            return Ok(None);
         }
         let payload = serde_json::to_string(notice).map_err(|e| DbErr::Custom(e.to_string()))?;
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
-            [self.channel.into(), payload.into()],
-        ))
-        .await?;
-        Ok(())
+        let notify = Func::cust("pg_notify").arg(self.channel).arg(payload);
+        Ok(Some(Query::select().expr(notify).to_owned()))
     }
 
     /// After the change committed: on SQLite, the local broadcast (PostgreSQL's listener does

@@ -3,14 +3,15 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DbErr, EntityTrait, Set};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, QueryTrait, Set, sea_query::InsertStatement};
 
 use crate::{
     applications::model::{Application, ApplicationStatus, Language},
     db::entities::application,
 };
 
-pub async fn insert<C: ConnectionTrait>(conn: &C, app: &Application) -> Result<(), DbErr> {
+/// The `INSERT` of a new application, to run alone or with others (`db::insert_together`).
+pub fn insert_statement(app: &Application) -> Result<InsertStatement, DbErr> {
     let row = application::ActiveModel {
         id: Set(app.id.clone()),
         full_name: Set(app.full_name.clone()),
@@ -28,10 +29,7 @@ pub async fn insert<C: ConnectionTrait>(conn: &C, app: &Application) -> Result<(
         created_at: Set(app.created_at),
         updated_at: Set(app.updated_at),
     };
-    application::Entity::insert(row)
-        .exec_without_returning(conn)
-        .await?;
-    Ok(())
+    Ok(application::Entity::insert(row).into_query())
 }
 
 pub async fn find<C: ConnectionTrait>(conn: &C, id: &str) -> Result<Option<Application>, DbErr> {

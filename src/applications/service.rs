@@ -73,17 +73,17 @@ impl Applications {
             &self.catalog.current(),
             crate::db::now(),
         )?;
-        let txn = self.db.begin().await?;
-        repo::insert(&txn, &app).await?;
-        AuditEvent::new(actor, SUBMIT_ACTION, audit::OK)
-            .target(&app.id)
-            .write(&txn)
-            .await?;
-        self.events
-            .announce(&txn, &events::notice(EventKind::Created, &app.id))
-            .await?;
+        let audit = AuditEvent::new(actor, SUBMIT_ACTION, audit::OK).target(&app.id);
+        let notice = events::notice(EventKind::Created, &app.id);
+        // The application, its audit row and its change notice (with the stored answer, when
+        // idempotent) are sent together at commit: one statement on PostgreSQL.
+        let writes = vec![
+            repo::insert_statement(&app)?.into(),
+            audit.insert_statement().into(),
+        ];
+        let announcement = self.events.announcement(&notice)?;
         let (events, submitted) = (self.events.clone(), app.clone());
-        Ok(Uncommitted::new(txn, app).on_commit(move || {
+        Ok(Uncommitted::writes(self.db.clone(), writes, announcement, app).on_commit(move || {
             tracing::info!(application = %submitted.id, source = %submitted.source, "application submitted");
             events.committed(ApplicationEvent {
                 kind: EventKind::Created,

@@ -12,8 +12,9 @@ use std::{future::Future, sync::Arc, time::Duration};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use prost::Message;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, Set,
-    sea_query::OnConflict,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryTrait,
+    Set,
+    sea_query::{OnConflict, UpdateStatement},
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -155,9 +156,10 @@ impl Idempotency {
     ///
     /// With a key, the claim, the work and the stored answer run in a task of their own, so a
     /// caller that goes away mid-call cannot leave the key locked (its retry would wait for the
-    /// lock to go stale) or the work half-answered. A successful answer is stored in the
-    /// work's own transaction: the change and its answer are committed together, so no crash
-    /// can leave a change without the answer that stops its retry from running again.
+    /// lock to go stale) or the work half-answered. A successful answer is stored with the
+    /// work's change (in its transaction, or in its one statement): the two are committed
+    /// together, so no crash can leave a change without the answer that stops its retry from
+    /// running again.
     pub async fn run<Req, Resp, Fut>(
         &self,
         principal: &str,
@@ -222,11 +224,11 @@ impl Idempotency {
                 }
             }
             Claim::Fresh => match work().await {
-                Ok(change) => {
+                Ok(mut change) => {
                     let stored = Stored::Ok {
                         message: STANDARD.encode(change.value().encode_to_vec()),
                     };
-                    let Some(txn) = change.transaction() else {
+                    if change.is_settled() {
                         // Nothing to commit (an existing result): store the answer alone.
                         self.settle(scope, Some(&stored)).await;
                         return change
@@ -235,7 +237,8 @@ impl Idempotency {
                             .map(tonic::Response::new)
                             .map_err(Into::into);
                     };
-                    let committed = match self.finish(txn, scope, &stored).await {
+                    let answer = answer_statement(scope, &stored)?;
+                    let committed = match change.add(answer).await {
                         Ok(()) => change.commit().await,
                         Err(e) => {
                             drop(change); // rolled back, before the release below
@@ -274,7 +277,7 @@ impl Idempotency {
         let mut delay = Duration::from_millis(100);
         loop {
             let result = match answer {
-                Some(stored) => self.finish(&self.db, scope, stored).await,
+                Some(stored) => self.finish(scope, stored).await,
                 None => self.release(scope).await.map_err(AppError::from),
             };
             match result {
@@ -358,21 +361,9 @@ impl Idempotency {
         }
     }
 
-    /// Stores the answer of a claimed key, through `conn` (the work's transaction, or the pool).
-    async fn finish(
-        &self,
-        conn: &impl ConnectionTrait,
-        (principal, method, key): (&str, &str, &str),
-        stored: &Stored,
-    ) -> Result<(), AppError> {
-        let json = serde_json::to_string(stored).map_err(|e| AppError::Internal(e.into()))?;
-        row::Entity::update_many()
-            .col_expr(row::Column::Response, json.into())
-            .filter(row::Column::Principal.eq(principal))
-            .filter(row::Column::Method.eq(method))
-            .filter(row::Column::Key.eq(key))
-            .exec(conn)
-            .await?;
+    /// Stores the answer of a claimed key, alone.
+    async fn finish(&self, scope: (&str, &str, &str), stored: &Stored) -> Result<(), AppError> {
+        self.db.execute(&answer_statement(scope, stored)?).await?;
         Ok(())
     }
 
@@ -410,6 +401,20 @@ fn in_progress() -> AppError {
         reason: Reason::IdempotencyKeyInProgress,
         retry_after: Duration::from_secs(1),
     }
+}
+
+/// The `UPDATE` that stores the answer of a claimed key: with the change it answers, or alone.
+fn answer_statement(
+    (principal, method, key): (&str, &str, &str),
+    stored: &Stored,
+) -> Result<UpdateStatement, AppError> {
+    let json = serde_json::to_string(stored).map_err(|e| AppError::Internal(e.into()))?;
+    Ok(row::Entity::update_many()
+        .col_expr(row::Column::Response, json.into())
+        .filter(row::Column::Principal.eq(principal))
+        .filter(row::Column::Method.eq(method))
+        .filter(row::Column::Key.eq(key))
+        .into_query())
 }
 
 #[cfg(test)]
