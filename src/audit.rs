@@ -111,7 +111,7 @@ impl AuditEvent {
         Ok(())
     }
 
-    /// The row's `INSERT`, to run with the change it records (`db::insert_together`).
+    /// The row's `INSERT`, to run with the change it records (`Uncommitted::writes`).
     pub fn insert_statement(self) -> InsertStatement {
         let row = audit_log::ActiveModel {
             occurred_at: Set(self.occurred_at),

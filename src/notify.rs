@@ -62,7 +62,7 @@ impl<T: Clone + Send + 'static> Notifier<T> {
     }
 
     /// The `SELECT pg_notify(..)` of [`Self::announce`], to run with the change it announces
-    /// (`db::insert_together`); `None` on SQLite.
+    /// (`Uncommitted::writes`); `None` on SQLite.
     pub fn announcement(&self, notice: &Notice) -> Result<Option<SelectStatement>, DbErr> {
         if !self.postgres {
             return Ok(None);

@@ -10,7 +10,7 @@ use crate::{
     db::entities::application,
 };
 
-/// The `INSERT` of a new application, to run alone or with others (`db::insert_together`).
+/// The `INSERT` of a new application, sent with the submit's other writes (`Uncommitted::writes`).
 pub fn insert_statement(app: &Application) -> Result<InsertStatement, DbErr> {
     let row = application::ActiveModel {
         id: Set(app.id.clone()),
