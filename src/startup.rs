@@ -129,23 +129,23 @@ impl Application {
         let events = Arc::new(crate::applications::events::notifier(&db));
         let payment_events = Arc::new(crate::payments::service::notifier(&db));
         let url = settings.database_url.expose_secret();
+        let async_commit = db::connect_async_commit(&settings, &db)
+            .await
+            .context("cannot open the asynchronous-commit pool")?;
         let mut listeners = Vec::new();
         listeners.extend(
             events
-                .start_listener(url, db.clone(), stop_rx.clone())
+                .start_listener(url, db.clone(), async_commit.clone(), stop_rx.clone())
                 .await
                 .context("cannot listen for application events")?,
         );
         listeners.extend(
             payment_events
-                .start_listener(url, db.clone(), stop_rx.clone())
+                .start_listener(url, db.clone(), async_commit.clone(), stop_rx.clone())
                 .await
                 .context("cannot listen for payment events")?,
         );
-        let claims = db::connect_claims(&settings, &db)
-            .await
-            .context("cannot open the idempotency claim pool")?;
-        let idempotency = Arc::new(Idempotency::new(db.clone(), claims));
+        let idempotency = Arc::new(Idempotency::new(db.clone(), async_commit));
         let payments = Payments::new(db.clone(), settings.clone(), payment_events);
         let auth = Authenticator {
             tokens: tokens.clone(),

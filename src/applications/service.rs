@@ -54,14 +54,14 @@ impl Applications {
         actor: &Actor,
         input: SubmitInput,
     ) -> Result<Application, AppError> {
-        self.submit_uncommitted(source, actor, input)
-            .await?
+        self.submit_uncommitted(source, actor, input)?
             .commit()
             .await
     }
 
-    /// As [`Self::submit`], with the transaction left open for the caller to add to.
-    pub async fn submit_uncommitted(
+    /// As [`Self::submit`], with the writes not yet sent, for the caller to add to. Nothing
+    /// here reads the database (the catalog is cached).
+    pub fn submit_uncommitted(
         &self,
         source: &ServiceName,
         actor: &Actor,
@@ -74,18 +74,18 @@ impl Applications {
             crate::db::now(),
         )?;
         let audit = AuditEvent::new(actor, SUBMIT_ACTION, audit::OK).target(&app.id);
-        let notice = events::notice(EventKind::Created, &app.id);
-        // The application, its audit row and its change notice (with the stored answer, when
-        // idempotent) are sent together at commit: one statement on PostgreSQL.
+        // The application and its audit row (with the key's claim and answer, when
+        // idempotent) are sent together at commit: one statement on PostgreSQL. Its change
+        // notice follows the commit (`notify` says why).
         let writes = vec![
             repo::insert_statement(&app)?.into(),
             audit.insert_statement().into(),
         ];
-        let announcement = self.events.announcement(&notice)?;
         let (events, submitted) = (self.events.clone(), app.clone());
-        Ok(Uncommitted::writes(self.db.clone(), writes, announcement, app).on_commit(move || {
+        Ok(Uncommitted::writes(self.db.clone(), writes, app).on_commit(move || {
             tracing::info!(application = %submitted.id, source = %submitted.source, "application submitted");
-            events.committed(ApplicationEvent {
+            let notice = events::notice(EventKind::Created, &submitted.id);
+            events.after_commit(&notice, ApplicationEvent {
                 kind: EventKind::Created,
                 application: submitted,
             });
@@ -172,9 +172,6 @@ impl Applications {
             .detail(serde_json::json!({"from": current.status.as_str(), "to": to.as_str()}))
             .write(&txn)
             .await?;
-        self.events
-            .announce(&txn, &events::notice(EventKind::Updated, id))
-            .await?;
         txn.commit().await?;
         let updated = Application {
             status: to,
@@ -182,10 +179,13 @@ impl Applications {
             updated_at: now,
             ..current
         };
-        self.events.committed(ApplicationEvent {
-            kind: EventKind::Updated,
-            application: updated.clone(),
-        });
+        self.events.after_commit(
+            &events::notice(EventKind::Updated, id),
+            ApplicationEvent {
+                kind: EventKind::Updated,
+                application: updated.clone(),
+            },
+        );
         Ok(updated)
     }
 }

@@ -4,7 +4,7 @@ pub mod entities;
 pub mod raw;
 mod uncommitted;
 
-pub use uncommitted::Uncommitted;
+pub use uncommitted::{Claimed, Uncommitted};
 
 use std::{path::Path, time::Duration};
 
@@ -28,24 +28,29 @@ pub async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
     Database::connect(options(url, settings.database_pool_size)).await
 }
 
-/// Claims are one short statement each; see [`connect_claims`].
-const CLAIM_POOL_SIZE: u32 = 2;
+/// Its statements are short (claims, notices); see [`connect_async_commit`].
+const ASYNC_COMMIT_POOL_SIZE: u32 = 2;
 
-/// The pool idempotency keys are claimed through. On PostgreSQL it is a second, small pool
-/// whose commits do not wait for the disk (`synchronous_commit = off`): a claim is one quick
-/// statement that must not cost a second disk flush per call. That is safe for a claim: the
-/// WAL is written in order, so the flush of the claimed change's own (synchronous) commit
-/// makes the claim durable too, and a claim lost in a database crash had no committed change
-/// behind it, so the retry that finds no claim runs the call as it should. On SQLite (one
-/// writer, `synchronous = NORMAL` in WAL mode) it is the main pool.
-pub async fn connect_claims(
+/// A second, small pool whose commits on PostgreSQL do not wait for the disk
+/// (`synchronous_commit = off`), for writes that must not cost a disk flush of their own:
+/// - idempotency claims of the claim-first path: the WAL is written in order, so the flush of
+///   the claimed change's own (synchronous) commit makes the claim durable too, and a claim
+///   lost in a database crash had no committed change behind it, so the retry that finds no
+///   claim runs the call as it should;
+/// - notices of committed changes (`notify`): a notice is not durable in any case.
+///
+/// On SQLite (one writer, `synchronous = NORMAL` in WAL mode) it is the main pool.
+pub async fn connect_async_commit(
     settings: &Settings,
     main: &DatabaseConnection,
 ) -> Result<DatabaseConnection, DbErr> {
     if main.get_database_backend() != sea_orm::DbBackend::Postgres {
         return Ok(main.clone());
     }
-    let mut options = options(settings.database_url.expose_secret(), CLAIM_POOL_SIZE);
+    let mut options = options(
+        settings.database_url.expose_secret(),
+        ASYNC_COMMIT_POOL_SIZE,
+    );
     options.map_sqlx_postgres_opts(|opts| opts.options([("synchronous_commit", "off")]));
     Database::connect(options).await
 }

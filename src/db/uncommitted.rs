@@ -8,31 +8,35 @@
 //! `BEGIN`/`COMMIT` of their own (round trips are most of what a write costs PostgreSQL here;
 //! README, Benchmarks). SQLite's `WITH` cannot write, so there they run one by one in a
 //! transaction (in-process: no round trips to save).
+//!
+//! Unsent writes can also be committed behind a claim ([`Uncommitted::commit_claiming`]): an
+//! insert sent first, with them, whose unique key decides whether they happen at all. The
+//! idempotency layer claims a key and stores its answer that way, so a fresh idempotent submit
+//! is one statement.
 
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, StatementBuilder,
     TransactionTrait,
     sea_query::{
-        Alias, CommonTableExpression, Expr, Query, SelectStatement, SubQueryStatement, WithClause,
+        Alias, CommonTableExpression, Expr, InsertStatement, Query, SubQueryStatement, WithClause,
         WithQuery,
     },
 };
 
-use crate::error::AppError;
+use crate::{db::is_unique_violation, error::AppError};
 
 enum Pending {
     /// Nothing to commit.
     Nothing,
     Transaction(DatabaseTransaction),
-    /// Inserts and updates, then an optional `SELECT` run for its side effect (`pg_notify`).
-    /// None of them may read what another writes: on PostgreSQL they share one snapshot.
+    /// Inserts and updates. None of them may read what another writes: on PostgreSQL they
+    /// share one snapshot.
     Writes(Box<Writes>),
 }
 
 struct Writes {
     db: DatabaseConnection,
     writes: Vec<SubQueryStatement>,
-    then: Option<SelectStatement>,
 }
 
 /// The result of a change, and the change, not yet committed. Dropping it rolls the change
@@ -49,17 +53,9 @@ impl<T> Uncommitted<T> {
         Self::with(Pending::Transaction(txn), value)
     }
 
-    /// Writes to send together at commit, then `then` (see the module's note).
-    pub fn writes(
-        db: DatabaseConnection,
-        writes: Vec<SubQueryStatement>,
-        then: Option<SelectStatement>,
-        value: T,
-    ) -> Self {
-        Self::with(
-            Pending::Writes(Box::new(Writes { db, writes, then })),
-            value,
-        )
+    /// Writes to send together at commit (see the module's note).
+    pub fn writes(db: DatabaseConnection, writes: Vec<SubQueryStatement>, value: T) -> Self {
+        Self::with(Pending::Writes(Box::new(Writes { db, writes })), value)
     }
 
     /// A result that needs no commit: nothing changed, or the change is already committed.
@@ -87,6 +83,11 @@ impl<T> Uncommitted<T> {
     /// True when there is nothing to commit.
     pub fn is_settled(&self) -> bool {
         matches!(self.pending, Pending::Nothing)
+    }
+
+    /// True when the change is writes not yet sent: nothing of it has reached the database.
+    pub fn is_unsent(&self) -> bool {
+        matches!(self.pending, Pending::Writes(_))
     }
 
     /// Adds a write to the change: run now in its transaction, or sent with its other writes.
@@ -119,7 +120,7 @@ impl<T> Uncommitted<T> {
         match self.pending {
             Pending::Nothing => {}
             Pending::Transaction(txn) => txn.commit().await?,
-            Pending::Writes(pending) => send_writes(*pending).await?,
+            Pending::Writes(pending) => pending.send(None).await?,
         }
         if let Some(effect) = self.on_commit {
             effect();
@@ -128,41 +129,75 @@ impl<T> Uncommitted<T> {
     }
 }
 
-async fn send_writes(Writes { db, writes, then }: Writes) -> Result<(), AppError> {
-    if db.get_database_backend() == DbBackend::Postgres {
-        db.execute(&one_statement(writes, then)).await?;
-        return Ok(());
-    }
-    let txn = db.begin().await?;
-    for write in writes {
-        match write {
-            SubQueryStatement::InsertStatement(s) => txn.execute(&s).await?,
-            SubQueryStatement::UpdateStatement(s) => txn.execute(&s).await?,
-            SubQueryStatement::DeleteStatement(s) => txn.execute(&s).await?,
-            SubQueryStatement::SelectStatement(s) => txn.execute(&s).await?,
-            SubQueryStatement::WithStatement(s) => txn.execute(&s).await?,
-        };
-    }
-    if let Some(select) = then {
-        txn.execute(&select).await?;
-    }
-    txn.commit().await?;
-    Ok(())
+/// How [`Uncommitted::commit_claiming`] ended.
+pub enum Claimed<T> {
+    /// The claim and the writes are committed.
+    Committed(T),
+    /// A unique key was taken (the claim's, as a rule): nothing was written, and the change is
+    /// handed back unsent.
+    Taken(Uncommitted<T>),
 }
 
-/// `WITH w0 AS (<write>), w1 AS (<write>) … SELECT <then>` (PostgreSQL).
-fn one_statement(writes: Vec<SubQueryStatement>, then: Option<SelectStatement>) -> WithQuery {
+impl<T> Uncommitted<T> {
+    /// Commits unsent writes together with `claim`, an insert sent before them: one statement
+    /// on PostgreSQL, one transaction on SQLite. When a unique constraint refuses the claim
+    /// (or any of the writes), all of it is rolled back and the change comes back as
+    /// [`Claimed::Taken`], for the caller to find out who holds the key. Only for an
+    /// [`Self::is_unsent`] change: anything else is an internal error, as nothing could
+    /// undo what it already did.
+    pub async fn commit_claiming(self, claim: InsertStatement) -> Result<Claimed<T>, AppError> {
+        let Pending::Writes(pending) = &self.pending else {
+            let cause = anyhow::anyhow!("a claim added to a change already sent");
+            return Err(AppError::Internal(cause));
+        };
+        let claim = SubQueryStatement::from(claim);
+        match pending.send(Some(&claim)).await {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => return Ok(Claimed::Taken(self)),
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(effect) = self.on_commit {
+            effect();
+        }
+        Ok(Claimed::Committed(self.value))
+    }
+}
+
+impl Writes {
+    /// Sends `first` (when given) and the writes, all or nothing; the statements are kept, so
+    /// a refused change can be sent again.
+    async fn send(&self, first: Option<&SubQueryStatement>) -> Result<(), sea_orm::DbErr> {
+        let writes = first.into_iter().chain(&self.writes);
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            self.db.execute(&one_statement(writes)).await?;
+            return Ok(());
+        }
+        let txn = self.db.begin().await?;
+        for write in writes {
+            match write {
+                SubQueryStatement::InsertStatement(s) => txn.execute(s).await?,
+                SubQueryStatement::UpdateStatement(s) => txn.execute(s).await?,
+                SubQueryStatement::DeleteStatement(s) => txn.execute(s).await?,
+                SubQueryStatement::SelectStatement(s) => txn.execute(s).await?,
+                SubQueryStatement::WithStatement(s) => txn.execute(s).await?,
+            };
+        }
+        txn.commit().await
+    }
+}
+
+/// `WITH w0 AS (<write>), w1 AS (<write>) … SELECT 1` (PostgreSQL).
+fn one_statement<'a>(writes: impl Iterator<Item = &'a SubQueryStatement>) -> WithQuery {
     let mut with = WithClause::new();
-    for (i, write) in writes.into_iter().enumerate() {
+    for (i, write) in writes.enumerate() {
         with.cte(
             CommonTableExpression::new()
-                .query(write)
+                .query(write.clone())
                 .table_name(Alias::new(format!("w{i}")))
                 .to_owned(),
         );
     }
-    let select = then.unwrap_or_else(|| Query::select().expr(Expr::val(1)).to_owned());
-    with.query(select)
+    with.query(Query::select().expr(Expr::val(1)).to_owned())
 }
 
 #[cfg(test)]
@@ -182,19 +217,12 @@ mod tests {
             .value(Alias::new("y"), 2)
             .and_where(Expr::col(Alias::new("z")).eq(3))
             .to_owned();
-        let notify = Query::select()
-            .expr(
-                sea_orm::sea_query::Func::cust("pg_notify")
-                    .arg("c")
-                    .arg("p"),
-            )
-            .to_owned();
-        let (sql, values) = one_statement(vec![insert.into(), update.into()], Some(notify))
-            .build(PostgresQueryBuilder);
+        let (sql, values) =
+            one_statement([insert.into(), update.into()].iter()).build(PostgresQueryBuilder);
         assert_eq!(
             sql,
-            r#"WITH "w0" AS (INSERT INTO "a" ("x") VALUES ($1)) , "w1" AS (UPDATE "b" SET "y" = $2 WHERE "z" = $3) SELECT pg_notify($4, $5)"#
+            r#"WITH "w0" AS (INSERT INTO "a" ("x") VALUES ($1)) , "w1" AS (UPDATE "b" SET "y" = $2 WHERE "z" = $3) SELECT $4"#
         );
-        assert_eq!(values.0.len(), 5);
+        assert_eq!(values.0.len(), 4);
     }
 }

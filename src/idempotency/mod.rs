@@ -1,11 +1,21 @@
 //! `idempotency-key`: a retried call returns the first call's answer instead of acting twice.
 //!
-//! Keys are scoped to (principal, method, key) and claimed with one insert-on-conflict, never
-//! select-then-insert. The row holds a fingerprint of the request (SHA-256 of its encoded
-//! message) and, once the first call finished, its answer: the encoded response message (maps
-//! encode in key order, so a replay is byte-identical) or the business error. Transient
-//! failures delete the claim so a retry runs again; a claim older than `LOCK_TIMEOUT` that never
-//! finished is taken over. Rows are purged after `RETENTION`.
+//! Keys are scoped to (principal, method, key) and claimed by an insert that a unique key
+//! decides, never select-then-insert. The row holds a fingerprint of the request (SHA-256 of
+//! its encoded message) and, once the first call finished, its answer: the encoded response
+//! message (maps encode in key order, so a replay is byte-identical) or the business error.
+//!
+//! Two ways to claim:
+//! - claim first ([`Idempotency::run`]), for work that reads or locks before it writes
+//!   (payments): the key is claimed unanswered, the work runs, and the answer is stored with
+//!   the work's change. Transient failures delete the claim so a retry runs again; a claim
+//!   older than `LOCK_TIMEOUT` that never finished is taken over.
+//! - claim with the change ([`Idempotency::run_unsent`]), for a change built without reading
+//!   the database (a submit): the key's row, already holding the answer, goes in the same
+//!   statement as the change. There is no unanswered moment: a concurrent retry waits for that
+//!   statement and replays its answer. Only a key already taken falls back to the first way.
+//!
+//! Rows are purged after `RETENTION`.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -21,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tonic::metadata::{MetadataMap, MetadataValue};
 
 use crate::{
-    db::{self, Uncommitted, entities::idempotency_key as row},
+    db::{self, Claimed, Uncommitted, entities::idempotency_key as row},
     error::{AppError, FieldViolation, Reason},
 };
 
@@ -88,6 +98,10 @@ enum Stored {
 }
 
 impl Stored {
+    fn to_json(&self) -> Result<String, AppError> {
+        serde_json::to_string(self).map_err(|e| AppError::Internal(e.into()))
+    }
+
     fn of_error(e: &AppError) -> Self {
         let fields = match e {
             AppError::Validation(v) => v
@@ -141,8 +155,8 @@ enum Claim {
 #[derive(Clone)]
 pub struct Idempotency {
     db: DatabaseConnection,
-    /// Where keys are claimed: on PostgreSQL, a pool committing without waiting for the disk
-    /// (`db::connect_claims` says why that is safe).
+    /// Where keys are claimed first: on PostgreSQL, a pool committing without waiting for the
+    /// disk (`db::connect_async_commit` says why that is safe).
     claims: DatabaseConnection,
 }
 
@@ -177,19 +191,78 @@ impl Idempotency {
             let answer = async { work().await?.commit().await }.await;
             return answer.map(tonic::Response::new).map_err(Into::into);
         };
-        let fingerprint = hex::encode(Sha256::digest(request.encode_to_vec()));
+        let fingerprint = fingerprint(request);
         let this = self.clone();
         let (principal, method) = (principal.to_owned(), method.to_owned());
-        let task = async move {
+        detached(async move {
             let scope = (principal.as_str(), method.as_str(), key.0.as_str());
             this.claim_and_run(scope, &fingerprint, work).await
+        })
+        .await
+    }
+
+    /// As [`Self::run`], for a change built without touching the database: `change` is its
+    /// outcome, writes not yet sent or a refusal. A fresh key is claimed, the writes made and
+    /// the answer stored in one statement ([`Uncommitted::commit_claiming`]): one round trip
+    /// to PostgreSQL, one transaction on SQLite. Only a key already taken goes the way of
+    /// [`Self::run`], which replays the stored answer, refuses a different request, or waits
+    /// out (or takes over) a claim still unanswered.
+    pub async fn run_unsent<Req, Resp>(
+        &self,
+        principal: &str,
+        method: &str,
+        key: Option<IdempotencyKey>,
+        request: &Req,
+        change: Result<Uncommitted<Resp>, AppError>,
+    ) -> Result<tonic::Response<Resp>, tonic::Status>
+    where
+        Req: Message,
+        Resp: Message + Default + Send + 'static,
+    {
+        match (key, change) {
+            (Some(key), Ok(change)) if change.is_unsent() => {
+                let fingerprint = fingerprint(request);
+                let this = self.clone();
+                let (principal, method) = (principal.to_owned(), method.to_owned());
+                detached(async move {
+                    let scope = (principal.as_str(), method.as_str(), key.0.as_str());
+                    this.claim_with(scope, &fingerprint, change).await
+                })
+                .await
+            }
+            (key, change) => {
+                let work = move || std::future::ready(change);
+                self.run(principal, method, key, request, work).await
+            }
+        }
+    }
+
+    /// Claims the key with its answer and the change that answer reports, all or nothing.
+    async fn claim_with<Resp>(
+        &self,
+        scope: (&str, &str, &str),
+        fingerprint: &str,
+        change: Uncommitted<Resp>,
+    ) -> Result<tonic::Response<Resp>, tonic::Status>
+    where
+        Resp: Message + Default,
+    {
+        let stored = Stored::Ok {
+            message: STANDARD.encode(change.value().encode_to_vec()),
         };
-        tokio::spawn(tracing::Instrument::in_current_span(task))
-            .await
-            .unwrap_or_else(|e| {
-                let cause = anyhow::anyhow!("idempotent call task failed: {e}");
-                Err(AppError::Internal(cause).into())
-            })
+        let answered = new_row(scope, fingerprint, Some(stored.to_json()?), db::now());
+        let claim = row::Entity::insert(answered).into_query();
+        match change.commit_claiming(claim).await? {
+            Claimed::Committed(value) => Ok(tonic::Response::new(value)),
+            // Nothing was written. The key is taken, as a rule: by this key's first call
+            // (finished, or still running on the claim-first path) or by a different request.
+            // If another unique key refused the writes instead, the key is free, and the
+            // claim-first path meets that refusal again and reports it.
+            Claimed::Taken(change) => {
+                let work = || std::future::ready(Ok(change));
+                self.claim_and_run(scope, fingerprint, work).await
+            }
+        }
     }
 
     async fn claim_and_run<Resp, Fut>(
@@ -301,26 +374,19 @@ impl Idempotency {
         fingerprint: &str,
     ) -> Result<Claim, AppError> {
         let now = db::now();
-        let inserted = row::Entity::insert(row::ActiveModel {
-            principal: Set(principal.to_owned()),
-            method: Set(method.to_owned()),
-            key: Set(key.to_owned()),
-            fingerprint: Set(fingerprint.to_owned()),
-            response: Set(None),
-            locked_at: Set(now),
-            created_at: Set(now),
-        })
-        .on_conflict(
-            OnConflict::columns([
-                row::Column::Principal,
-                row::Column::Method,
-                row::Column::Key,
-            ])
-            .do_nothing()
-            .to_owned(),
-        )
-        .exec_without_returning(&self.claims)
-        .await?;
+        let inserted =
+            row::Entity::insert(new_row((principal, method, key), fingerprint, None, now))
+                .on_conflict(
+                    OnConflict::columns([
+                        row::Column::Principal,
+                        row::Column::Method,
+                        row::Column::Key,
+                    ])
+                    .do_nothing()
+                    .to_owned(),
+                )
+                .exec_without_returning(&self.claims)
+                .await?;
         if inserted == 1 {
             return Ok(Claim::Fresh);
         }
@@ -396,6 +462,44 @@ impl Idempotency {
     }
 }
 
+/// The row of a key claimed now: unanswered (`None`) while its work runs, or already holding
+/// the answer committed with it.
+fn new_row(
+    (principal, method, key): (&str, &str, &str),
+    fingerprint: &str,
+    response: Option<String>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> row::ActiveModel {
+    row::ActiveModel {
+        principal: Set(principal.to_owned()),
+        method: Set(method.to_owned()),
+        key: Set(key.to_owned()),
+        fingerprint: Set(fingerprint.to_owned()),
+        response: Set(response),
+        locked_at: Set(now),
+        created_at: Set(now),
+    }
+}
+
+/// Runs an idempotent call in a task of its own, so that a caller going away cannot cut it
+/// short between its claim and its answer.
+async fn detached<T: Send + 'static>(
+    task: impl Future<Output = Result<T, tonic::Status>> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    tokio::spawn(tracing::Instrument::in_current_span(task))
+        .await
+        .unwrap_or_else(|e| {
+            let cause = anyhow::anyhow!("idempotent call task failed: {e}");
+            Err(AppError::Internal(cause).into())
+        })
+}
+
+/// What tells a retry from a different request under the same key: the SHA-256 of the
+/// encoded request.
+fn fingerprint(request: &impl Message) -> String {
+    hex::encode(Sha256::digest(request.encode_to_vec()))
+}
+
 fn in_progress() -> AppError {
     AppError::RetryLater {
         reason: Reason::IdempotencyKeyInProgress,
@@ -408,9 +512,8 @@ fn answer_statement(
     (principal, method, key): (&str, &str, &str),
     stored: &Stored,
 ) -> Result<UpdateStatement, AppError> {
-    let json = serde_json::to_string(stored).map_err(|e| AppError::Internal(e.into()))?;
     Ok(row::Entity::update_many()
-        .col_expr(row::Column::Response, json.into())
+        .col_expr(row::Column::Response, stored.to_json()?.into())
         .filter(row::Column::Principal.eq(principal))
         .filter(row::Column::Method.eq(method))
         .filter(row::Column::Key.eq(key))

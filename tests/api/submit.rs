@@ -12,6 +12,17 @@ use crate::{
     helpers::{BOT2_ENV_TOKEN, TestApp, reason, with_token},
 };
 
+const SUBMIT: &str = "/crm.v1.ApplicationService/SubmitApplication";
+
+/// `request` from the bot holding `token`, under an `idempotency-key`.
+fn keyed<T>(request: T, token: &str, key: &str) -> tonic::Request<T> {
+    let mut request = with_token(request, token);
+    request
+        .metadata_mut()
+        .insert("idempotency-key", key.parse().expect("ascii key"));
+    request
+}
+
 /// One change that breaks one rule.
 type Mutation = Box<dyn Fn(&mut proto::SubmitApplicationRequest)>;
 
@@ -260,7 +271,7 @@ both_databases! {
             assert_eq!(count, 100, "{service}");
         }
         assert_eq!(application::Entity::find().count(app.db()).await.expect("count"), 200);
-        let audit = app.audit_rows("/crm.v1.ApplicationService/SubmitApplication", 200).await;
+        let audit = app.audit_rows(SUBMIT, 200).await;
         assert_eq!(audit.len(), 200);
     }
 
@@ -294,6 +305,88 @@ both_databases! {
             assert_eq!(status.code(), Code::NotFound);
             assert_eq!(reason(&status), "NOT_FOUND");
         }
+    }
+
+    // A fresh key is claimed in the statement that stores the application and its answer,
+    // so a concurrent retry waits for that statement and replays it: never IN_PROGRESS.
+    // Quotas off: a load test of idempotency, not of quotas.
+    async fn fifty_concurrent_submits_with_one_key_make_one_application_and_forty_nine_replays(app: TestApp) with { "RATE_LIMIT_ENABLED": "false" } {
+        let channel = app.channel().await;
+        let calls = (0..50).map(|_| {
+            let mut client = proto::application_service_client::ApplicationServiceClient::new(channel.clone());
+            let request = keyed(valid_request(), &app.bot1_token, "one-key-for-fifty-submits");
+            tokio::spawn(async move { client.submit_application(request).await })
+        });
+        let (mut ids, mut replays) = (std::collections::HashSet::new(), 0);
+        for call in futures::future::join_all(calls).await {
+            let response = call.expect("task").expect("every call answered with the application");
+            replays += usize::from(response.metadata().get("x-idempotency-replay").is_some());
+            ids.insert(response.into_inner().id);
+        }
+        assert_eq!((ids.len(), replays), (1, 49));
+        assert_eq!(application::Entity::find().count(app.db()).await.expect("count"), 1);
+        assert_eq!(app.audit_rows(SUBMIT, 1).await.len(), 1, "replays write no audit row");
+    }
+
+    async fn a_key_reused_for_another_application_is_refused_and_stores_nothing(app: TestApp) {
+        let mut client = app.applications().await;
+        let key = "bot1-submit-key-000002";
+        let first = client.submit_application(keyed(valid_request(), &app.bot1_token, key)).await.expect("first").into_inner();
+        let mut other = valid_request();
+        other.phone = "+998909998877".into();
+        let status = client.submit_application(keyed(other, &app.bot1_token, key)).await.expect_err("another request");
+        assert_eq!((status.code(), reason(&status).as_str()), (Code::FailedPrecondition, "IDEMPOTENCY_KEY_REUSED"));
+        // The key is bot1's own: bot2 may use the same string for its own application.
+        let bot2s = client.submit_application(keyed(valid_request(), BOT2_ENV_TOKEN, key)).await.expect("bot2");
+        assert!(bot2s.metadata().get("x-idempotency-replay").is_none());
+        assert_ne!(bot2s.into_inner().id, first.id);
+        assert_eq!(application::Entity::find().count(app.db()).await.expect("count"), 2);
+    }
+
+    async fn a_refused_submit_is_replayed_as_refused_under_its_key(app: TestApp) {
+        let mut client = app.applications().await;
+        let mut bad = valid_request();
+        bad.phone = "12345".into();
+        for replay in [false, true] {
+            let status = client.submit_application(keyed(bad.clone(), &app.bot1_token, "bot1-refused-key-0003")).await.expect_err("refused");
+            assert_eq!((status.code(), reason(&status).as_str()), (Code::InvalidArgument, "VALIDATION_FAILED"));
+            assert_eq!(status.metadata().get("x-idempotency-replay").is_some(), replay);
+        }
+        assert_eq!(application::Entity::find().count(app.db()).await.expect("count"), 0);
+    }
+
+    // A claim left unanswered (a replica that died between claim and answer on the
+    // claim-first path) blocks its key for a minute, then is taken over.
+    async fn an_unanswered_submit_key_blocks_for_a_minute_then_is_taken_over(app: TestApp) {
+        use crm_server::db::entities::idempotency_key;
+        use sea_orm::{ActiveModelTrait, Set};
+        let request = valid_request();
+        let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(prost::Message::encode_to_vec(&request)));
+        let stale = crm_server::db::now() - chrono::Duration::seconds(61);
+        for (key, locked_at) in [("bot1-abandoned-key-01", stale), ("bot1-running-key-0001", crm_server::db::now())] {
+            idempotency_key::ActiveModel {
+                principal: Set("service:bot1".into()),
+                method: Set(SUBMIT.into()),
+                key: Set(key.into()),
+                fingerprint: Set(fingerprint.clone()),
+                response: Set(None),
+                locked_at: Set(locked_at),
+                created_at: Set(locked_at),
+            }
+            .insert(app.db())
+            .await
+            .expect("claim");
+        }
+        let mut client = app.applications().await;
+        let status = client.submit_application(keyed(request.clone(), &app.bot1_token, "bot1-running-key-0001")).await.expect_err("still running");
+        assert_eq!((status.code(), reason(&status).as_str()), (Code::Aborted, "IDEMPOTENCY_KEY_IN_PROGRESS"));
+        assert_eq!(application::Entity::find().count(app.db()).await.expect("count"), 0);
+        let taken = client.submit_application(keyed(request.clone(), &app.bot1_token, "bot1-abandoned-key-01")).await.expect("taken over");
+        assert!(taken.metadata().get("x-idempotency-replay").is_none());
+        let replay = client.submit_application(keyed(request, &app.bot1_token, "bot1-abandoned-key-01")).await.expect("replayed");
+        assert!(replay.metadata().get("x-idempotency-replay").is_some());
+        assert_eq!(replay.into_inner().id, taken.into_inner().id);
+        assert_eq!(application::Entity::find().count(app.db()).await.expect("count"), 1);
     }
 }
 

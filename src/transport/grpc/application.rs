@@ -76,15 +76,14 @@ impl ApplicationService for ApplicationApi {
         let actor = Actor::from_request(Some(&principal), &ctx);
         let r = request.into_inner();
         let scope = format!("service:{service}");
-        let (applications, service, input) =
-            (self.applications.clone(), service.clone(), r.clone());
+        // Validating and preparing the writes reads nothing from the database, so a fresh
+        // key, the application and the answer go in one statement.
+        let change = self
+            .applications
+            .submit_uncommitted(service, &actor, r.clone().into())
+            .map(|submitted| submitted.map(proto::Application::from));
         self.idempotency
-            .run(&scope, SUBMIT_ACTION, key, &r, || async move {
-                let submitted = applications
-                    .submit_uncommitted(&service, &actor, input.into())
-                    .await?;
-                Ok(submitted.map(proto::Application::from))
-            })
+            .run_unsent(&scope, SUBMIT_ACTION, key, &r, change)
             .await
     }
 
