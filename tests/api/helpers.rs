@@ -328,6 +328,29 @@ impl TestApp {
 
     /// Audit rows for an action, oldest first, waiting up to 5 s for `min` of them (refusals
     /// are written in the background).
+    /// Stores an unanswered idempotency claim of `request`, as a caller that died between
+    /// its claim and its answer would leave it.
+    pub async fn unanswered_claim(
+        &self,
+        (principal, method, key): (&str, &str, &str),
+        request: &impl prost::Message,
+        locked_at: chrono::DateTime<chrono::Utc>,
+    ) {
+        use sea_orm::{ActiveModelTrait, Set};
+        crm_server::db::entities::idempotency_key::ActiveModel {
+            principal: Set(principal.into()),
+            method: Set(method.into()),
+            key: Set(key.into()),
+            fingerprint: Set(hex::encode(Sha256::digest(request.encode_to_vec()))),
+            response: Set(None),
+            locked_at: Set(locked_at),
+            created_at: Set(locked_at),
+        }
+        .insert(self.db())
+        .await
+        .expect("claim");
+    }
+
     pub async fn audit_rows(&self, action: &str, min: usize) -> Vec<audit_log::Model> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {

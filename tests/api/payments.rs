@@ -257,23 +257,10 @@ both_databases! {
     }
 
     async fn an_abandoned_claim_is_taken_over_after_a_minute(app: TestApp) {
-        use sea_orm::{ActiveModelTrait, Set};
         let request = proto::GetInvoiceRequest { id: "x".into() };
-        let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(request.encode_to_vec()));
         let stale = crm_server::db::now() - chrono::Duration::seconds(61);
         for (key, locked_at) in [("abandoned-claim-0001", stale), ("running-claim-000001", crm_server::db::now())] {
-            idempotency_key::ActiveModel {
-                principal: Set("user:u".into()),
-                method: Set("/test/Method".into()),
-                key: Set(key.into()),
-                fingerprint: Set(fingerprint.clone()),
-                response: Set(None),
-                locked_at: Set(locked_at),
-                created_at: Set(locked_at),
-            }
-            .insert(app.db())
-            .await
-            .expect("claim");
+            app.unanswered_claim(("user:u", "/test/Method", key), &request, locked_at).await;
         }
         let key = |k: &str| crm_server::idempotency::IdempotencyKey::parse(k).ok();
         let work = || async { Ok(Uncommitted::settled(proto::GetInvoiceRequest { id: "ran".into() })) };

@@ -358,24 +358,10 @@ both_databases! {
     // A claim left unanswered (a replica that died between claim and answer on the
     // claim-first path) blocks its key for a minute, then is taken over.
     async fn an_unanswered_submit_key_blocks_for_a_minute_then_is_taken_over(app: TestApp) {
-        use crm_server::db::entities::idempotency_key;
-        use sea_orm::{ActiveModelTrait, Set};
         let request = valid_request();
-        let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(prost::Message::encode_to_vec(&request)));
         let stale = crm_server::db::now() - chrono::Duration::seconds(61);
         for (key, locked_at) in [("bot1-abandoned-key-01", stale), ("bot1-running-key-0001", crm_server::db::now())] {
-            idempotency_key::ActiveModel {
-                principal: Set("service:bot1".into()),
-                method: Set(SUBMIT.into()),
-                key: Set(key.into()),
-                fingerprint: Set(fingerprint.clone()),
-                response: Set(None),
-                locked_at: Set(locked_at),
-                created_at: Set(locked_at),
-            }
-            .insert(app.db())
-            .await
-            .expect("claim");
+            app.unanswered_claim(("service:bot1", SUBMIT, key), &request, locked_at).await;
         }
         let mut client = app.applications().await;
         let status = client.submit_application(keyed(request.clone(), &app.bot1_token, "bot1-running-key-0001")).await.expect_err("still running");
