@@ -173,7 +173,7 @@ impl<T: Clone + Send + 'static> Notifier<T> {
     }
 
     /// Sends the queued notices in batches, as they come, until shutdown; then sends what is
-    /// left and returns.
+    /// left, once and without retrying (the process is exiting), and returns.
     async fn announce_queued(
         self: Arc<Self>,
         db: DatabaseConnection,
@@ -191,8 +191,9 @@ impl<T: Clone + Send + 'static> Notifier<T> {
                     batch.push(payload);
                 }
             }
+            let retry_for = if stopping { Duration::ZERO } else { RETRY_FOR };
             for chunk in batch.chunks(BATCH) {
-                self.send_batch(&db, chunk).await;
+                self.send_batch(&db, chunk, retry_for).await;
             }
             batch.clear();
             if stopping {
@@ -201,9 +202,9 @@ impl<T: Clone + Send + 'static> Notifier<T> {
         }
     }
 
-    /// One `SELECT pg_notify($1, $2), pg_notify($1, $3), ..`, retried for a while if
+    /// One `SELECT pg_notify($1, $2), pg_notify($1, $3), ..`, retried for `retry_for` if
     /// PostgreSQL does not answer; past that the notices are dropped and logged.
-    async fn send_batch(&self, db: &DatabaseConnection, payloads: &[String]) {
+    async fn send_batch(&self, db: &DatabaseConnection, payloads: &[String], retry_for: Duration) {
         if payloads.is_empty() {
             return;
         }
@@ -215,7 +216,7 @@ impl<T: Clone + Send + 'static> Notifier<T> {
                     .arg(payload.as_str()),
             );
         }
-        let deadline = tokio::time::Instant::now() + RETRY_FOR;
+        let deadline = tokio::time::Instant::now() + retry_for;
         let mut delay = Duration::from_millis(50);
         loop {
             match db.execute(&select).await {
