@@ -3,11 +3,13 @@
 //! runs the other RPCs keep the CPU first: a hash takes 13–35 ms of CPU, a catalog read 20 µs,
 //! so sharing the core equally would make every other call wait behind hashes. Idle CPU still
 //! goes to the hashes, so logins are slowed only while the server is busy.
+//!
+//! The queue is bounded by length, not by time: a hash that finds it full is refused at once
+//! (`UNAVAILABLE`, nothing done), and one that got in waits for its turn as long as its
+//! request's deadline allows. A time bound would refuse logins that had already waited, only
+//! because the server was busy with other calls, and make them queue again from the end.
 
-use std::{
-    sync::{Arc, Mutex, mpsc},
-    time::Duration,
-};
+use std::sync::{Arc, Mutex, mpsc};
 
 use argon2::{
     Algorithm, Argon2, Params, Version,
@@ -18,8 +20,8 @@ use tokio::sync::Semaphore;
 
 use crate::error::AppError;
 
-/// How long a hash may wait for its turn before the caller is told to come back later.
-const QUEUE_WAIT: Duration = Duration::from_secs(10);
+/// Hashes that may wait for each hashing thread; one more is told to come back later.
+const WAITING_PER_THREAD: usize = 64;
 
 fn argon2() -> Argon2<'static> {
     // Params::new only fails on out-of-range values; these are the documented defaults.
@@ -34,6 +36,9 @@ const HASHING_NICE: i32 = 10;
 type Job = Box<dyn FnOnce() + Send>;
 
 pub struct Passwords {
+    /// One per hash running or waiting: the queue's bound.
+    places: Arc<Semaphore>,
+    /// One per hashing thread.
     permits: Arc<Semaphore>,
     /// To the hashing threads; they stop when this is dropped.
     jobs: mpsc::Sender<Job>,
@@ -42,10 +47,15 @@ pub struct Passwords {
 }
 
 impl Passwords {
-    /// `concurrency` hashes at most run at once: half the cores, at least one.
+    /// Hashes run on half the cores' worth of threads, at least one.
     pub async fn new() -> Result<Self, AppError> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let threads = (cores / 2).max(1);
+        Self::with_threads(threads, WAITING_PER_THREAD * threads).await
+    }
+
+    /// `threads` hashing threads, and `waiting` hashes at most waiting for them.
+    async fn with_threads(threads: usize, waiting: usize) -> Result<Self, AppError> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         for i in 0..threads {
@@ -56,6 +66,7 @@ impl Passwords {
                 .map_err(|e| AppError::Internal(e.into()))?;
         }
         let mut passwords = Self {
+            places: Arc::new(Semaphore::new(threads + waiting)),
             permits: Arc::new(Semaphore::new(threads)),
             jobs,
             dummy_hash: String::new(),
@@ -95,14 +106,24 @@ impl Passwords {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AppError> {
-        let permit = tokio::time::timeout(QUEUE_WAIT, self.permits.clone().acquire_owned())
+        let place = self
+            .places
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| AppError::Unavailable("password hashing queue is full".into()))?;
+        // Dropped with the request (its deadline, or the client gone) while still waiting.
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|_| AppError::Unavailable("password hashing queue is full".into()))?
             .map_err(|e| AppError::Internal(e.into()))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
-            let _permit = permit;
-            let _ = tx.send(work());
+            let result = work();
+            // Freed before the caller hears back, so that its next hash finds them free.
+            drop((place, permit));
+            let _ = tx.send(result);
         });
         self.jobs
             .send(job)
@@ -190,5 +211,42 @@ mod tests {
             .await
             .expect("run");
         assert!(name.is_some_and(|n| n.starts_with("argon2-")));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_the_queued_hashes_all_run() {
+        let passwords = Arc::new(Passwords::with_threads(1, 3).await.expect("init"));
+        // The one thread is held by a job until `release` is sent.
+        let (release, hold) = mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let passwords = passwords.clone();
+            async move { passwords.run(move || hold.recv().is_ok()).await }
+        });
+        let queued: Vec<_> = (0..3)
+            .map(|_| {
+                let passwords = passwords.clone();
+                tokio::spawn(async move {
+                    passwords
+                        .verify(&SecretString::from("queued password"), None)
+                        .await
+                })
+            })
+            .collect();
+        while passwords.places.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = passwords
+            .verify(&SecretString::from("one too many"), None)
+            .await;
+        assert!(
+            matches!(&refused, Err(AppError::Unavailable(m)) if m.contains("queue is full")),
+            "{refused:?}"
+        );
+        release.send(()).expect("release the thread");
+        assert!(busy.await.expect("join").expect("run"));
+        for task in queued {
+            assert!(!task.await.expect("join").expect("verify"));
+        }
+        assert_eq!(passwords.places.available_permits(), 4);
     }
 }
