@@ -13,7 +13,7 @@ use crate::{
     },
     audit::{self, Actor, AuditEvent},
     auth::{Principal, ServiceName},
-    db::Uncommitted,
+    db::{Uncommitted, Writer},
     error::{AppError, Reason},
     paging,
 };
@@ -25,6 +25,8 @@ const MAX_NOTE_CHARS: usize = 2000;
 #[derive(Clone)]
 pub struct Applications {
     db: DatabaseConnection,
+    /// Where submits are sent (on SQLite, batched with the other writes of the moment).
+    writer: Writer,
     catalog: Arc<Catalog>,
     events: Arc<Events>,
 }
@@ -32,6 +34,7 @@ pub struct Applications {
 impl Applications {
     pub fn new(db: DatabaseConnection, catalog: Arc<Catalog>, events: Arc<Events>) -> Self {
         Self {
+            writer: Writer::new(db.clone()),
             db,
             catalog,
             events,
@@ -82,7 +85,7 @@ impl Applications {
             audit.insert_statement().into(),
         ];
         let (events, submitted) = (self.events.clone(), app.clone());
-        Ok(Uncommitted::writes(self.db.clone(), writes, app).on_commit(move || {
+        Ok(Uncommitted::writes(self.writer.clone(), writes, app).on_commit(move || {
             tracing::info!(application = %submitted.id, source = %submitted.source, "application submitted");
             let notice = events::notice(EventKind::Created, &submitted.id);
             events.after_commit(&notice, ApplicationEvent {

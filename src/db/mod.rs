@@ -3,8 +3,10 @@
 pub mod entities;
 pub mod raw;
 mod uncommitted;
+mod writer;
 
 pub use uncommitted::{Claimed, Uncommitted};
+pub use writer::Writer;
 
 use std::{path::Path, time::Duration};
 

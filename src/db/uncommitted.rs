@@ -3,11 +3,10 @@
 //! together or not at all.
 //!
 //! A change is either an open transaction (it had to read or lock before writing), or writes
-//! not yet sent. The latter go, on PostgreSQL, as one statement at commit: data-modifying
-//! `WITH` clauses, which PostgreSQL runs all or nothing, in one round trip and with no
-//! `BEGIN`/`COMMIT` of their own (round trips are most of what a write costs PostgreSQL here;
-//! README, Benchmarks). SQLite's `WITH` cannot write, so there they run one by one in a
-//! transaction (in-process: no round trips to save).
+//! not yet sent. The latter go to the database's [`Writer`] at commit: on PostgreSQL as one
+//! statement (round trips are most of what a write costs PostgreSQL here; README,
+//! Benchmarks), on SQLite in a transaction shared with the other changes committed at the
+//! same moment.
 //!
 //! Unsent writes can also be committed behind a claim ([`Uncommitted::commit_claiming`]): an
 //! insert sent first, with them, whose unique key decides whether they happen at all. The
@@ -15,15 +14,14 @@
 //! is one statement.
 
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, StatementBuilder,
-    TransactionTrait,
-    sea_query::{
-        Alias, CommonTableExpression, Expr, InsertStatement, Query, SubQueryStatement, WithClause,
-        WithQuery,
-    },
+    ConnectionTrait, DatabaseTransaction, StatementBuilder,
+    sea_query::{InsertStatement, SubQueryStatement},
 };
 
-use crate::{db::is_unique_violation, error::AppError};
+use crate::{
+    db::{Writer, is_unique_violation},
+    error::AppError,
+};
 
 enum Pending {
     /// Nothing to commit.
@@ -35,7 +33,7 @@ enum Pending {
 }
 
 struct Writes {
-    db: DatabaseConnection,
+    writer: Writer,
     writes: Vec<SubQueryStatement>,
 }
 
@@ -54,8 +52,8 @@ impl<T> Uncommitted<T> {
     }
 
     /// Writes to send together at commit (see the module's note).
-    pub fn writes(db: DatabaseConnection, writes: Vec<SubQueryStatement>, value: T) -> Self {
-        Self::with(Pending::Writes(Box::new(Writes { db, writes })), value)
+    pub fn writes(writer: Writer, writes: Vec<SubQueryStatement>, value: T) -> Self {
+        Self::with(Pending::Writes(Box::new(Writes { writer, writes })), value)
     }
 
     /// A result that needs no commit: nothing changed, or the change is already committed.
@@ -167,62 +165,8 @@ impl Writes {
     /// Sends `first` (when given) and the writes, all or nothing; the statements are kept, so
     /// a refused change can be sent again.
     async fn send(&self, first: Option<&SubQueryStatement>) -> Result<(), sea_orm::DbErr> {
-        let writes = first.into_iter().chain(&self.writes);
-        if self.db.get_database_backend() == DbBackend::Postgres {
-            self.db.execute(&one_statement(writes)).await?;
-            return Ok(());
-        }
-        let txn = self.db.begin().await?;
-        for write in writes {
-            match write {
-                SubQueryStatement::InsertStatement(s) => txn.execute(s).await?,
-                SubQueryStatement::UpdateStatement(s) => txn.execute(s).await?,
-                SubQueryStatement::DeleteStatement(s) => txn.execute(s).await?,
-                SubQueryStatement::SelectStatement(s) => txn.execute(s).await?,
-                SubQueryStatement::WithStatement(s) => txn.execute(s).await?,
-            };
-        }
-        txn.commit().await
-    }
-}
-
-/// `WITH w0 AS (<write>), w1 AS (<write>) … SELECT 1` (PostgreSQL).
-fn one_statement<'a>(writes: impl Iterator<Item = &'a SubQueryStatement>) -> WithQuery {
-    let mut with = WithClause::new();
-    for (i, write) in writes.enumerate() {
-        with.cte(
-            CommonTableExpression::new()
-                .query(write.clone())
-                .table_name(Alias::new(format!("w{i}")))
-                .to_owned(),
-        );
-    }
-    with.query(Query::select().expr(Expr::val(1)).to_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sea_orm::sea_query::{ExprTrait, PostgresQueryBuilder};
-
-    #[test]
-    fn writes_become_one_statement_on_postgres() {
-        let insert = Query::insert()
-            .into_table(Alias::new("a"))
-            .columns([Alias::new("x")])
-            .values_panic([1.into()])
-            .to_owned();
-        let update = Query::update()
-            .table(Alias::new("b"))
-            .value(Alias::new("y"), 2)
-            .and_where(Expr::col(Alias::new("z")).eq(3))
-            .to_owned();
-        let (sql, values) =
-            one_statement([insert.into(), update.into()].iter()).build(PostgresQueryBuilder);
-        assert_eq!(
-            sql,
-            r#"WITH "w0" AS (INSERT INTO "a" ("x") VALUES ($1)) , "w1" AS (UPDATE "b" SET "y" = $2 WHERE "z" = $3) SELECT $4"#
-        );
-        assert_eq!(values.0.len(), 4);
+        self.writer
+            .send(first.into_iter().chain(&self.writes))
+            .await
     }
 }
