@@ -25,7 +25,7 @@ const MAX_NOTE_CHARS: usize = 2000;
 #[derive(Clone)]
 pub struct Applications {
     db: DatabaseConnection,
-    /// Where submits are sent (on SQLite, batched with the other writes of the moment).
+    /// Where submits are sent at commit, batched with the others of the moment.
     writer: Writer,
     catalog: Arc<Catalog>,
     events: Arc<Events>,

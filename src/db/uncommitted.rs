@@ -3,10 +3,9 @@
 //! together or not at all.
 //!
 //! A change is either an open transaction (it had to read or lock before writing), or writes
-//! not yet sent. The latter go to the database's [`Writer`] at commit: on PostgreSQL as one
-//! statement (round trips are most of what a write costs PostgreSQL here; README,
-//! Benchmarks), on SQLite in a transaction shared with the other changes committed at the
-//! same moment.
+//! not yet sent. The latter go to the database's [`Writer`] at commit, together with the other
+//! changes committed at the same moment: on PostgreSQL as one statement (round trips are most
+//! of what a write costs PostgreSQL here; README, Benchmarks), on SQLite as one transaction.
 //!
 //! Unsent writes can also be committed behind a claim ([`Uncommitted::commit_claiming`]): an
 //! insert sent first, with them, whose unique key decides whether they happen at all. The

@@ -86,9 +86,8 @@ impl Writer {
     }
 }
 
-/// A PostgreSQL writer task: takes the changes waiting (up to [`BATCH`]) and sends them as
-/// one statement. When that fails, nothing of it happened, and each change goes again as a
-/// statement of its own, for its own answer.
+/// A PostgreSQL writer task: takes the changes waiting (up to [`BATCH`]) and sends them in
+/// as few statements as it can ([`send_together`]).
 async fn postgres_batches(db: DatabaseConnection, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -105,6 +104,9 @@ async fn postgres_batches(db: DatabaseConnection, jobs: Arc<Mutex<mpsc::Receiver
     }
 }
 
+/// The changes as one statement. When PostgreSQL refuses it, nothing of it happened, and
+/// each change goes again as a statement of its own, for its own answer; when the connection
+/// failed, each is told so and none goes again.
 async fn send_together(db: &DatabaseConnection, jobs: Vec<Job>) {
     if jobs.len() > 1 {
         let all = one_statement(jobs.iter().flat_map(|job| &job.writes));
