@@ -130,7 +130,7 @@ impl Verdict {
         headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
         headers.insert(
             X_RATELIMIT_REMAINING.clone(),
-            HeaderValue::from(self.remaining),
+            crate::transport::context::never_indexed(HeaderValue::from(self.remaining)),
         );
         headers.insert(
             X_RATELIMIT_RESET.clone(),
