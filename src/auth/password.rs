@@ -1,8 +1,9 @@
 //! Argon2id password hashing (OWASP: m = 19 MiB, t = 2, p = 1) on a few threads of its own, at
-//! a lower scheduling priority, behind a semaphore. A login flood queues here, and while it
+//! the lowest scheduling priority, behind a semaphore. A login flood queues here, and while it
 //! runs the other RPCs keep the CPU first: a hash takes 13–35 ms of CPU, a catalog read 20 µs,
 //! so sharing the core equally would make every other call wait behind hashes. Idle CPU still
-//! goes to the hashes, so logins are slowed only while the server is busy.
+//! goes to the hashes, so logins are slowed only while the server is busy (and only as much
+//! as it is: on a saturated core they get a sliver of it, on a half-busy one the idle half).
 //!
 //! The queue is bounded by length, not by time: a hash that finds it full is refused at once
 //! (`UNAVAILABLE`, nothing done), and one that got in waits for its turn as long as its
@@ -29,11 +30,8 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// Nice value of the hashing threads, the lowest there is: the scheduler gives a nice-0
-/// thread about 68 times their share of a contended core (weights 1024 and 15), so a login
-/// flood slows the logins, not every other call. At nice 10 (9 times) the p99 of
-/// `ListPrograms` with 50 logins running was 2.7 times its p99 without (P9); at 19, 1.65.
-/// Linux only; elsewhere they run at normal priority.
+/// Nice value of the hashing threads, the lowest there is. They also run under `SCHED_IDLE`
+/// (`lower_priority`); the nice value is what remains if that is refused.
 const HASHING_NICE: i32 = 19;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -151,20 +149,37 @@ fn hashing_thread(queue: &Mutex<mpsc::Receiver<Job>>) {
     }
 }
 
-/// Lowers the calling thread's scheduling priority (Linux nice values are per thread).
+/// Puts the calling thread at the lowest scheduling priority (Linux: both are per thread).
+///
+/// `SCHED_IDLE`: a thread of normal policy that wakes up (a request arrived) takes the core
+/// from it at once, where a nice-19 thread keeps it until its slice is used. P9, `ListPrograms`
+/// p99 with 50 logins running over its p99 without: 2.7 at nice 10, 1.65 at nice 19, 0.83
+/// under `SCHED_IDLE` (short runs, the same machine; logins per window unchanged).
 #[cfg(target_os = "linux")]
 fn lower_priority() {
-    // SAFETY: gettid and setpriority only read their integer arguments; setpriority on our
-    // own thread id changes nothing but this thread's nice value.
-    let result = unsafe {
-        let tid = libc::gettid() as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, HASHING_NICE)
-    };
-    if result != 0 {
+    let warn = |what: &str| {
         tracing::warn!(
             error = %std::io::Error::last_os_error(),
-            "cannot lower the priority of the password hashing thread"
+            "cannot {what} of the password hashing thread"
         );
+    };
+    // SAFETY: gettid and setpriority only read their integer arguments; setpriority on our
+    // own thread id changes nothing but this thread's nice value.
+    if unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::gettid() as libc::id_t,
+            HASHING_NICE,
+        )
+    } != 0
+    {
+        warn("lower the nice value");
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param that outlives the
+    // call, which only reads it.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        warn("set SCHED_IDLE");
     }
 }
 
@@ -209,6 +224,12 @@ mod tests {
             .await
             .expect("run");
         assert_eq!(nice, HASHING_NICE);
+        // SAFETY: reads the calling thread's scheduling policy.
+        let policy = passwords
+            .run(|| unsafe { libc::sched_getscheduler(0) })
+            .await
+            .expect("run");
+        assert_eq!(policy, libc::SCHED_IDLE);
         let name = passwords
             .run(|| std::thread::current().name().map(str::to_owned))
             .await

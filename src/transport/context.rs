@@ -139,7 +139,9 @@ where
             received_at: chrono::Utc::now(),
         };
         let span = request_span(method, &req, &mut ctx);
-        let request_id = HeaderValue::from_str(&ctx.request_id).ok().map(never_indexed);
+        let request_id = HeaderValue::from_str(&ctx.request_id)
+            .ok()
+            .map(never_indexed);
         req.extensions_mut().insert(ctx);
         let (production, deadline) = (self.layer.production, self.layer.deadline);
         let answer = (!oversized).then(|| span.in_scope(|| self.inner.call(req)));

@@ -57,6 +57,13 @@ pub struct TestApp {
     _pg: Option<PgDatabase>,
 }
 
+/// The database of a stopped `TestApp`: its SQLite folder or its PostgreSQL database, removed
+/// when this is dropped.
+pub struct Storage {
+    _sqlite_dir: Option<tempfile::TempDir>,
+    _pg: Option<PgDatabase>,
+}
+
 /// Starts a server with the standard test configuration.
 pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
     spawn_app_with(backend, &[]).await
@@ -312,8 +319,9 @@ impl TestApp {
         ApplicationServiceClient::new(self.channel().await)
     }
 
-    /// Stops the server as SIGTERM would, and waits for it.
-    pub async fn stop(mut self) {
+    /// Stops the server as SIGTERM would, and waits for it. Its database lives on for as long
+    /// as the answer is kept, for a test that reads what the server left.
+    pub async fn stop(mut self) -> Storage {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -323,6 +331,10 @@ impl TestApp {
                 .expect("server stops within the grace period")
                 .expect("server task")
                 .expect("server exits cleanly");
+        }
+        Storage {
+            _sqlite_dir: self._sqlite_dir,
+            _pg: self._pg,
         }
     }
 
