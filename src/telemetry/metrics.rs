@@ -184,7 +184,8 @@ fn outcome(response: &Response) -> &'static str {
         return reason.as_str();
     }
     let headers = response.headers();
-    if let Some(code) = headers.get("grpc-status") {
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    if let Some(code) = headers.get(&GRPC_STATUS) {
         if code.as_bytes() == b"0" {
             return "OK";
         }

@@ -17,7 +17,9 @@ use tracing_subscriber::{
 
 use crate::config::LogFormat;
 
-pub use otel::{EXPORTED_TARGET, Sampling, is_exported, sample, set_parent, trace_id_of};
+pub use otel::{
+    EXPORTED_TARGET, Sampling, TRACEPARENT, is_exported, sample, set_parent, trace_id_of,
+};
 
 /// Noisy dependencies are held at `warn` unless `RUST_LOG` names them (so database spans are
 /// exported only when asked for, at debug level).

@@ -109,6 +109,9 @@ impl Extractor for Headers<'_> {
     }
 }
 
+/// W3C trace context's header. Names looked up as `&str` are parsed on every lookup.
+pub static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// The configured sampler, set once when export is on (and only then).
 static SAMPLER: OnceLock<Box<dyn ShouldSample>> = OnceLock::new();
 
@@ -142,7 +145,7 @@ pub fn sample(headers: &http::HeaderMap, name: &str) -> Sampling {
         return Sampling::Off;
     };
     let parent = headers
-        .contains_key("traceparent")
+        .contains_key(&TRACEPARENT)
         .then(|| TraceContextPropagator::new().extract(&Headers(headers)))
         .filter(|parent| parent.span().span_context().is_valid());
     let trace_id = match &parent {
