@@ -283,8 +283,9 @@ fn trace_id(headers: &HeaderMap) -> Option<String> {
 
 /// Marks a value that differs on every answer (the request id, the quota left) as one HPACK
 /// must never add to a connection's table. Added, each would evict older entries, the
-/// constant headers of every answer among them, which would then go out in full again: a
-/// third of the cost of encoding an answer's headers went to that churn.
+/// constant headers of every answer among them, which would then go out in full again.
+/// callgrind, per `ListPrograms` answer: 1 900 instructions fewer in h2's table, 1 700 fewer
+/// net (the two names now go out as literals), of about 10 000 spent on its headers.
 pub fn never_indexed(mut value: HeaderValue) -> HeaderValue {
     value.set_sensitive(true);
     value
