@@ -53,15 +53,15 @@ pub struct TestApp {
     vars: HashMap<String, String>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
-    _sqlite_dir: Option<tempfile::TempDir>,
-    _pg: Option<PgDatabase>,
+    /// `None` in both for a replica: the first app owns the database.
+    storage: Storage,
 }
 
 /// The database of a stopped `TestApp`: its SQLite folder or its PostgreSQL database, removed
 /// when this is dropped.
 pub struct Storage {
     _sqlite_dir: Option<tempfile::TempDir>,
-    _pg: Option<PgDatabase>,
+    pg: Option<PgDatabase>,
 }
 
 /// Starts a server with the standard test configuration.
@@ -127,8 +127,10 @@ pub async fn spawn_app_with(backend: Backend, extra: &[(&str, &str)]) -> Option<
         vars,
         stop: Some(stop),
         server: Some(server),
-        _sqlite_dir: sqlite_dir,
-        _pg: pg,
+        storage: Storage {
+            _sqlite_dir: sqlite_dir,
+            pg,
+        },
     })
 }
 
@@ -209,8 +211,10 @@ impl TestApp {
             vars: self.vars.clone(),
             stop: Some(stop),
             server: Some(server),
-            _sqlite_dir: None,
-            _pg: None,
+            storage: Storage {
+                _sqlite_dir: None,
+                pg: None,
+            },
         }
     }
 
@@ -332,10 +336,7 @@ impl TestApp {
                 .expect("server task")
                 .expect("server exits cleanly");
         }
-        Storage {
-            _sqlite_dir: self._sqlite_dir,
-            _pg: self._pg,
-        }
+        self.storage
     }
 
     /// Audit rows for an action, oldest first, waiting up to 5 s for `min` of them (refusals
@@ -480,7 +481,7 @@ impl Drop for PgDatabase {
 
 impl TestApp {
     pub fn pg(&self) -> Option<&PgDatabase> {
-        self._pg.as_ref()
+        self.storage.pg.as_ref()
     }
 }
 
