@@ -21,11 +21,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    // TOKIO_WORKER_THREADS is read by tokio itself.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match crm_server::startup::runtime() {
         Ok(rt) => rt,
         Err(e) => return exit(Err(e.into())),
     };

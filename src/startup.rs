@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderName, HeaderValue, Method};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tonic_web::{GrpcWebLayer, GrpcWebService};
 use tower::Layer;
@@ -228,7 +227,7 @@ impl Application {
         let settings = state.settings.clone();
         tracing::info!(local_addr = %self.local_addr, "serving gRPC, gRPC-web and REST");
 
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let incoming = crate::transport::socket::incoming(self.listener);
         let (stopping_tx, mut stopping_rx) = watch::channel(false);
         let shutdown_signal = {
             let state = state.clone();
@@ -276,6 +275,18 @@ impl Application {
         tracing::info!("stopped");
         result
     }
+}
+
+/// The server's runtime: multi-threaded (TOKIO_WORKER_THREADS, read by tokio itself, sizes
+/// it), without the LIFO slot. With the slot, a task that wakes another runs it next: each
+/// handler that finishes wakes its connection's task, which then writes that one answer before
+/// the next handler runs. Without it, the connection's task runs after the handlers that were
+/// ready and writes their answers together (with `transport::socket`, in one write).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    builder.enable_all().build()
 }
 
 /// The gRPC stack: CORS when configured, gRPC-web translation, the guard, tonic's routes.

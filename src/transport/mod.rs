@@ -5,3 +5,4 @@ pub mod dispatch;
 pub mod grpc;
 pub mod limits;
 pub mod rest;
+pub mod socket;

@@ -15,7 +15,9 @@
 //! there), `--soak-secs S` (600), `--no-idempotency-key` (P4/P5 submits without the key),
 //! `--otlp-protocol grpc|http/protobuf` (P10's exporter; `grpc` by default), `--rust-log F`
 //! (the servers' `RUST_LOG`, `warn` by default; `info` is the production default and costs
-//! the request span on every call).
+//! the request span on every call), `--baselines-like-server` (the echo and the raw insert on
+//! the server's runtime and sockets instead of tokio's and tonic's defaults: what P1 would be
+//! without those two settings).
 //!
 //! How a run goes: everything a goal needs is started once (`rig.rs`): the release
 //! `crm-server` (fresh database, one tokio worker) and the baselines served by this binary,
@@ -57,7 +59,7 @@ use crate::{
 };
 
 const USAGE: &str = "usage: crm-bench [all | soak | p1 … p10 …] [--rounds N] [--secs S] \
-    [--warmup S] [--postgres URL] [--soak-secs S] [--no-idempotency-key] \
+    [--warmup S] [--postgres URL] [--soak-secs S] [--no-idempotency-key] [--baselines-like-server] \
     [--otlp-protocol grpc|http/protobuf] [--rust-log FILTER]\n       \
     crm-bench p11 | payme-load …";
 
@@ -115,6 +117,7 @@ fn parse(args: &[String]) -> anyhow::Result<(Plan, Vec<Goal>, bool)> {
             "--otlp-protocol" => plan.otlp_protocol = value()?.clone(),
             "--rust-log" => process::set_rust_log(value()?),
             "--no-idempotency-key" => plan.submit_keys = false,
+            "--baselines-like-server" => process::set_baselines_like_server(),
             "all" => goals.extend(goals::ALL),
             "soak" => soak = true,
             other => match Goal::parse(other) {

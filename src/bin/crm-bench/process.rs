@@ -44,6 +44,16 @@ pub fn rust_log() -> String {
     format!("{base},crm_server::startup=info")
 }
 
+/// `--baselines-like-server`: the gRPC baselines (echo, raw insert) run on the server's own
+/// runtime and sockets (`crm_server::startup::runtime`, `transport::socket`) instead of
+/// tokio's and tonic's defaults, which shows how much of P1 those two settings account for.
+pub const BASELINES_LIKE_SERVER: &str = "CRM_BENCH_BASELINES_LIKE_SERVER";
+static LIKE_SERVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_baselines_like_server() {
+    LIKE_SERVER.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Pins this process (and the threads it starts afterwards) to the load CPU.
 pub fn pin_self() -> anyhow::Result<()> {
     let status = Command::new("taskset")
@@ -245,6 +255,9 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 pub fn bench_command(cpu: &str) -> anyhow::Result<Command> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", cpu]).arg(std::env::current_exe()?);
+    if LIKE_SERVER.load(std::sync::atomic::Ordering::Relaxed) {
+        cmd.env(BASELINES_LIKE_SERVER, "1");
+    }
     Ok(cmd)
 }
 

@@ -37,7 +37,15 @@ pub fn insert(database_url: &str, pool_size: &str) -> anyhow::Result<()> {
     runtime.block_on(run(baseline))
 }
 
+/// `--baselines-like-server` (process.rs) was given.
+fn like_server() -> bool {
+    std::env::var_os(crate::process::BASELINES_LIKE_SERVER).is_some()
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    if like_server() {
+        return Ok(crm_server::startup::runtime()?);
+    }
     // Multi-threaded like the server; TOKIO_WORKER_THREADS (1) sizes it the same way.
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -51,11 +59,18 @@ fn serve(baseline: Baseline) -> anyhow::Result<()> {
 async fn run(baseline: Baseline) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     announce(listener.local_addr()?);
-    tonic::transport::Server::builder()
-        .add_service(proto::application_service_server::ApplicationServiceServer::new(baseline))
+    let server = tonic::transport::Server::builder()
+        .add_service(proto::application_service_server::ApplicationServiceServer::new(baseline));
+    if like_server() {
+        server
+            .serve_with_incoming(crm_server::transport::socket::incoming(listener))
+            .await?;
+    } else {
         // TCP_NODELAY on every connection, as the server sets it.
-        .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
-        .await?;
+        server
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            .await?;
+    }
     Ok(())
 }
 
