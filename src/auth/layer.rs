@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use http::Request;
 
 use crate::{
@@ -31,14 +31,18 @@ pub struct Authenticator {
 impl Authenticator {
     /// Verifies an `x-service-token` value. A refusal is not audited here: the caller audits
     /// it ([`Self::audit_token_refusal`]) once it knows the request is within its quota, so a
-    /// flood over quota costs no database work.
-    pub fn verify_service(&self, raw: Option<&str>) -> Result<ServiceName, AppError> {
+    /// flood over quota costs no database work. `now` decides expiry: when the request came.
+    pub fn verify_service(
+        &self,
+        raw: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<ServiceName, AppError> {
         match raw {
             None => Err(AppError::refused(
                 Reason::ServiceTokenRequired,
                 "x-service-token is required",
             )),
-            Some(raw) => self.tokens.verify(raw, Utc::now()).map(|v| v.service),
+            Some(raw) => self.tokens.verify(raw, now),
         }
     }
 
@@ -82,7 +86,11 @@ impl Authenticator {
             if access == policy::Access::Public {
                 Credential::None
             } else {
-                Credential::Service(self.verify_service(Some(raw)).map(Principal::Service))
+                let now = req
+                    .extensions()
+                    .get::<RequestContext>()
+                    .map_or_else(Utc::now, |ctx| ctx.received_at);
+                Credential::Service(self.verify_service(Some(raw), now).map(Principal::Service))
             }
         } else if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             Credential::Bearer(self.bearer(value.to_str().unwrap_or_default()))

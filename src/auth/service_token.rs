@@ -114,14 +114,6 @@ struct DbToken {
     used_at: Arc<AtomicI64>,
 }
 
-/// The verified caller of a service-token request.
-#[derive(Debug, Clone)]
-pub struct VerifiedService {
-    pub service: ServiceName,
-    /// `None` for a token configured by environment hash.
-    pub token_id: Option<String>,
-}
-
 pub struct ServiceTokenStore {
     db: DatabaseConnection,
     env_tokens: Vec<EnvServiceToken>,
@@ -182,8 +174,9 @@ impl ServiceTokenStore {
             .await
     }
 
-    /// Checks a raw token: database tokens first, then environment hashes. No I/O.
-    pub fn verify(&self, raw: &str, now: DateTime<Utc>) -> Result<VerifiedService, AppError> {
+    /// Checks a raw token: database tokens first, then environment hashes; the service it
+    /// belongs to. No I/O.
+    pub fn verify(&self, raw: &str, now: DateTime<Utc>) -> Result<ServiceName, AppError> {
         let invalid = || AppError::refused(Reason::ServiceTokenInvalid, "invalid service token");
         if raw.is_empty() || raw.len() > MAX_RAW_TOKEN_LEN {
             return Err(invalid());
@@ -196,10 +189,7 @@ impl ServiceTokenStore {
                 return Err(invalid());
             }
             token.used_at.store(now.timestamp(), Ordering::Relaxed);
-            return Ok(VerifiedService {
-                service: token.service.clone(),
-                token_id: Some(token.id.clone()),
-            });
+            return Ok(token.service.clone());
         }
         // Compare against every configured hash without stopping early.
         let mut found = None;
@@ -208,12 +198,7 @@ impl ServiceTokenStore {
                 found = Some(env.service.clone());
             }
         }
-        found
-            .map(|service| VerifiedService {
-                service,
-                token_id: None,
-            })
-            .ok_or_else(invalid)
+        found.ok_or_else(invalid)
     }
 
     /// Writes `last_used_at` for tokens used since the last flush.

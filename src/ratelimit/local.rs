@@ -9,10 +9,10 @@ use governor::{
     state::keyed::DefaultKeyedStateStore,
 };
 
-use super::{Scope, Verdict};
+use super::{Scope, Subject, Verdict};
 
 type Keyed =
-    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+    RateLimiter<Subject, DefaultKeyedStateStore<Subject>, DefaultClock, StateInformationMiddleware>;
 
 pub struct LocalLimiter {
     /// Indexed by `Scope as usize` (`Scope::ALL` is in declaration order).
@@ -32,11 +32,11 @@ impl LocalLimiter {
         Self { scopes, clock }
     }
 
-    pub fn check(&self, scope: Scope, subject: &str) -> Verdict {
+    pub fn check(&self, scope: Scope, subject: &Subject) -> Verdict {
         let (limit, limiter) = &self.scopes[scope as usize];
         let limit = limit.get();
         let emission = Duration::from_secs(60) / limit;
-        match limiter.check_key(&subject.to_owned()) {
+        match limiter.check_key(subject) {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
                 Verdict {
@@ -80,6 +80,10 @@ impl LocalLimiter {
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> Subject {
+        Subject::Ip(s.parse().expect("address"))
+    }
+
     fn limiter(n: u32) -> LocalLimiter {
         LocalLimiter::new(|_| NonZeroU32::new(n).expect("non-zero"))
     }
@@ -88,27 +92,33 @@ mod tests {
     fn a_burst_of_n_then_one_per_period() {
         let l = limiter(5);
         for left in (0..5).rev() {
-            let v = l.check(Scope::Login, "ip:1.2.3.4");
+            let v = l.check(Scope::Login, &ip("1.2.3.4"));
             assert!(v.allowed());
             assert_eq!((v.limit, v.remaining), (5, left));
         }
-        let refused = l.check(Scope::Login, "ip:1.2.3.4");
+        let refused = l.check(Scope::Login, &ip("1.2.3.4"));
         let wait = refused.retry_after.expect("sixth refused");
         assert!(
             wait > Duration::from_secs(11) && wait <= Duration::from_secs(12),
             "{wait:?}"
         );
         // Another subject, and the same subject in another scope, have their own buckets.
-        assert!(l.check(Scope::Login, "ip:1.2.3.5").allowed());
-        assert!(l.check(Scope::Register, "ip:1.2.3.4").allowed());
+        assert!(l.check(Scope::Login, &ip("1.2.3.5")).allowed());
+        assert!(l.check(Scope::Register, &ip("1.2.3.4")).allowed());
     }
 
     #[test]
     fn idle_buckets_are_forgotten_so_memory_stays_bounded() {
         // 60 000 per minute: a bucket is full again 1 ms after its only request.
         let l = limiter(60_000);
-        for i in 0..200_000 {
-            assert!(l.check(Scope::General, &format!("ip:{i}")).allowed());
+        for i in 0..200_000u32 {
+            assert!(
+                l.check(
+                    Scope::General,
+                    &Subject::Ip(std::net::Ipv4Addr::from(i).into())
+                )
+                .allowed()
+            );
         }
         assert_eq!(l.len(), 200_000);
         std::thread::sleep(Duration::from_millis(20));

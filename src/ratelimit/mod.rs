@@ -10,6 +10,7 @@ mod local;
 mod redis;
 
 use std::{
+    fmt,
     net::IpAddr,
     num::NonZeroU32,
     sync::{
@@ -23,7 +24,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use secrecy::ExposeSecret;
 
 use crate::{
-    auth::Principal,
+    auth::{Principal, ServiceName},
     config::{RateLimitBackend, Settings},
     error::{AppError, Reason},
 };
@@ -100,12 +101,36 @@ impl Scope {
     }
 }
 
-/// Whose bucket: the principal when the caller proved one, else the client address.
-pub fn subject(principal: Option<&Principal>, client_ip: IpAddr) -> String {
+/// Whose bucket: a principal, a client address, or a login identifier. The local buckets are
+/// keyed by it as it is (a service's is an `Arc` clone, an address is copied: no allocation on
+/// a bot's call); Redis keys use its text (`service:bot1`, `user:<id>`, `ip:<address>`,
+/// `login:<identifier>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Service(ServiceName),
+    User(String),
+    Ip(IpAddr),
+    /// A login identifier (phone or email), lowercased: `Scope::LoginIdentifier`.
+    Login(String),
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Service(name) => write!(f, "service:{name}"),
+            Subject::User(id) => write!(f, "user:{id}"),
+            Subject::Ip(ip) => write!(f, "ip:{ip}"),
+            Subject::Login(identifier) => write!(f, "login:{identifier}"),
+        }
+    }
+}
+
+/// The principal when the caller proved one, else the client address.
+pub fn subject(principal: Option<&Principal>, client_ip: IpAddr) -> Subject {
     match principal {
-        Some(Principal::User(user)) => format!("user:{}", user.id),
-        Some(Principal::Service(name)) => format!("service:{name}"),
-        None => format!("ip:{client_ip}"),
+        Some(Principal::User(user)) => Subject::User(user.id.clone()),
+        Some(Principal::Service(name)) => Subject::Service(name.clone()),
+        None => Subject::Ip(client_ip),
     }
 }
 
@@ -127,20 +152,14 @@ impl Verdict {
 
     /// The `x-ratelimit-*` headers (and `retry-after` on a refusal), in whole seconds.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
+        headers.insert(X_RATELIMIT_LIMIT.clone(), count(self.limit.into()));
         headers.insert(
             X_RATELIMIT_REMAINING.clone(),
-            crate::transport::context::never_indexed(HeaderValue::from(self.remaining)),
+            crate::transport::context::never_indexed(count(self.remaining.into())),
         );
-        headers.insert(
-            X_RATELIMIT_RESET.clone(),
-            HeaderValue::from(ceil_secs(self.reset)),
-        );
+        headers.insert(X_RATELIMIT_RESET.clone(), count(ceil_secs(self.reset)));
         if let Some(wait) = self.retry_after {
-            headers.insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from(ceil_secs(wait)),
-            );
+            headers.insert(http::header::RETRY_AFTER, count(ceil_secs(wait)));
         }
     }
 
@@ -167,6 +186,27 @@ fn counted(scope: Scope, verdict: Verdict) -> Verdict {
         crate::telemetry::metrics::rate_limited(scope);
     }
     verdict
+}
+
+/// "0" to "127", back to back: the small counts as `&'static str` slices.
+const SMALL_COUNTS: &str = concat!(
+    "01234567891011121314151617181920212223242526272829303132333435363738394041424344",
+    "45464748495051525354555657585960616263646566676869707172737475767778798081828384",
+    "85868788899091929394959697989910010110210310410510610710810911011111211311411511",
+    "6117118119120121122123124125126127",
+);
+
+/// A count as a header value. Those up to 127 (every `reset` and `retry-after`, and the
+/// counts of the default quotas) are static slices: no allocation, nothing shared to count.
+fn count(n: u64) -> HeaderValue {
+    let (start, len) = match n {
+        0..=9 => (n, 1),
+        10..=99 => (10 + 2 * (n - 10), 2),
+        100..=127 => (190 + 3 * (n - 100), 3),
+        _ => return HeaderValue::from(n),
+    };
+    let start = start as usize;
+    HeaderValue::from_static(&SMALL_COUNTS[start..start + len])
 }
 
 /// Whole seconds, rounded up: waiting that long is always enough.
@@ -225,7 +265,7 @@ impl RateLimiter {
     }
 
     /// Counts one request against `scope` for `subject`. `None` when quotas are off.
-    pub async fn check(&self, scope: Scope, subject: &str) -> Option<Verdict> {
+    pub async fn check(&self, scope: Scope, subject: &Subject) -> Option<Verdict> {
         match self.check_now(scope, subject) {
             Checked::Now(verdict) => verdict,
             Checked::AskRedis => self.check_redis(scope, subject).await,
@@ -234,7 +274,7 @@ impl RateLimiter {
 
     /// Decides without waiting when it can (memory buckets, or quotas off): the request path
     /// then needs no future of its own for the check.
-    pub fn check_now(&self, scope: Scope, subject: &str) -> Checked {
+    pub fn check_now(&self, scope: Scope, subject: &Subject) -> Checked {
         let Some(inner) = self.inner.as_ref() else {
             return Checked::Now(None);
         };
@@ -244,7 +284,7 @@ impl RateLimiter {
         Checked::Now(Some(counted(scope, inner.local.check(scope, subject))))
     }
 
-    async fn check_redis(&self, scope: Scope, subject: &str) -> Option<Verdict> {
+    async fn check_redis(&self, scope: Scope, subject: &Subject) -> Option<Verdict> {
         let inner = self.inner.as_ref()?;
         if let Some(redis) = &inner.redis {
             match redis.check(scope, subject).await {
@@ -298,6 +338,13 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_are_written_in_decimal() {
+        for n in (0..=300).chain([u64::from(u32::MAX), u64::MAX]) {
+            assert_eq!(count(n), n.to_string().as_str(), "{n}");
+        }
+    }
 
     #[test]
     fn grpc_paths_map_to_their_scopes() {

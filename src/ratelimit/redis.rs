@@ -6,7 +6,7 @@ use std::{num::NonZeroU32, sync::Mutex, time::Duration};
 
 use ::redis::{AsyncConnectionConfig, Client, RedisError, Script, aio::MultiplexedConnection};
 
-use super::{Scope, Verdict};
+use super::{Scope, Subject, Verdict};
 
 /// A check that takes longer than this counts as Redis being unreachable.
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -62,7 +62,7 @@ impl RedisLimiter {
         Ok(())
     }
 
-    pub async fn check(&self, scope: Scope, subject: &str) -> Result<Verdict, RedisError> {
+    pub async fn check(&self, scope: Scope, subject: &Subject) -> Result<Verdict, RedisError> {
         let connection = self
             .connection
             .lock()

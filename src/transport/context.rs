@@ -133,16 +133,14 @@ where
             })
             .map(|a| a.ip())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let (request_id, request_id_header) = request_id(headers);
         let mut ctx = RequestContext {
-            request_id: request_id(headers),
+            request_id,
             client_ip: client_ip(peer, headers, &self.layer.trusted_proxies),
             trace_id: trace_id(headers),
             received_at: chrono::Utc::now(),
         };
         let span = request_span(method, &req, &mut ctx);
-        let request_id = HeaderValue::from_str(&ctx.request_id)
-            .ok()
-            .map(never_indexed);
         req.extensions_mut().insert(ctx);
         let (production, deadline) = (self.layer.production, self.layer.deadline);
         let answer = (!oversized).then(|| span.in_scope(|| self.inner.call(req)));
@@ -167,7 +165,7 @@ where
                 let headers = response.headers_mut();
                 // One growth of the map for everything added below, not one per header.
                 headers.reserve(SECURITY_HEADERS.len() + 3);
-                if let Some(id) = request_id {
+                if let Some(id) = request_id_header {
                     headers.insert(X_REQUEST_ID.clone(), id);
                 }
                 security_headers(headers, production);
@@ -240,14 +238,22 @@ pub fn record_principal(kind: &str, name: &str) {
     }
 }
 
-/// The caller's `x-request-id` when it is sane (1–128 visible ASCII), else a fresh UUID.
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+/// The caller's `x-request-id` when it is sane (1–128 visible ASCII), else a fresh UUID; and
+/// the same as the answer's header value, never indexed (see `never_indexed`).
+fn request_id(headers: &HeaderMap) -> (String, Option<HeaderValue>) {
+    let sane = headers.get(&X_REQUEST_ID).filter(|v| {
+        let v = v.as_bytes();
+        !v.is_empty() && v.len() <= 128 && v.iter().all(u8::is_ascii_graphic)
+    });
+    let (id, value) = match sane.and_then(|v| Some((v.to_str().ok()?, v))) {
+        Some((id, value)) => (id.to_owned(), Some(value.clone())),
+        None => {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+            (id.to_owned(), HeaderValue::from_bytes(id.as_bytes()).ok())
+        }
+    };
+    (id, value.map(never_indexed))
 }
 
 /// `X-Forwarded-For` counts only from a trusted proxy; then the right-most hop that is not

@@ -19,7 +19,7 @@ use crate::{
     error::AppError,
     idempotency::{Idempotency, IdempotencyKey},
     proto::{self, application_service_server::ApplicationService},
-    transport::grpc::{caller, non_empty, timestamp},
+    transport::grpc::{authenticated, caller, non_empty, timestamp},
 };
 
 pub struct ApplicationApi {
@@ -186,7 +186,7 @@ impl ApplicationService for ApplicationApi {
         &self,
         request: Request<proto::ListProgramsRequest>,
     ) -> Result<Response<proto::ListProgramsResponse>, Status> {
-        caller(&request)?;
+        authenticated(&request)?;
         let catalog = self.applications.catalog().current();
         let (programs, etag) = catalog.list(request.get_ref().include_inactive);
         Ok(Response::new(proto::ListProgramsResponse {

@@ -14,7 +14,7 @@ use crate::{
     db::entities::{service_token, session},
     error::AppError,
     proto::{self, auth_service_server::AuthService},
-    ratelimit::{RateLimiter, Scope},
+    ratelimit::{RateLimiter, Scope, Subject},
     transport::{
         context::RequestContext,
         grpc::{non_empty, timestamp, user},
@@ -99,7 +99,7 @@ impl AuthService for AuthApi {
         let r = request.into_inner();
         // The guard counted this address; the identifier has its own quota (security.md), so
         // guessing one account's password from many addresses is throttled too.
-        let identifier = format!("login:{}", r.login.trim().to_lowercase());
+        let identifier = Subject::Login(r.login.trim().to_lowercase());
         let verdict = self
             .limiter
             .check(Scope::LoginIdentifier, &identifier)

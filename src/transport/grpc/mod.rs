@@ -28,17 +28,27 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Result<(Principal, RequestContext),
         .extensions()
         .get::<Principal>()
         .cloned()
-        .ok_or_else(|| {
-            // The policy table guarantees a principal on non-public methods; reaching here means
-            // a method was wired without its entry.
-            AppError::Internal(anyhow::anyhow!("no principal on an authenticated method"))
-        })?;
+        .ok_or_else(no_principal)?;
     let ctx = req
         .extensions()
         .get::<RequestContext>()
         .cloned()
         .ok_or_else(|| AppError::Internal(anyhow::anyhow!("no request context")))?;
     Ok((principal, ctx))
+}
+
+/// That the auth layer attached a principal, for a method that needs nothing else of it.
+pub fn authenticated<T>(req: &tonic::Request<T>) -> Result<(), AppError> {
+    match req.extensions().get::<Principal>() {
+        Some(_) => Ok(()),
+        None => Err(no_principal()),
+    }
+}
+
+/// The policy table guarantees a principal on non-public methods; reaching here means a method
+/// was wired without its entry.
+fn no_principal() -> AppError {
+    AppError::Internal(anyhow::anyhow!("no principal on an authenticated method"))
 }
 
 /// The signed-in user of a user-only method, and the audit actor.

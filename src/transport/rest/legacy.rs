@@ -80,7 +80,7 @@ pub async fn submit(
     let raw = headers
         .get(SERVICE_TOKEN_HEADER)
         .map(|v| v.to_str().unwrap_or_default());
-    let caller = state.auth.verify_service(raw);
+    let caller = state.auth.verify_service(raw, ctx.received_at);
     if let Ok(service) = &caller {
         record_principal("service", service.as_str());
     }
