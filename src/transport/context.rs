@@ -241,18 +241,16 @@ pub fn record_principal(kind: &str, name: &str) {
 /// The caller's `x-request-id` when it is sane (1–128 visible ASCII), else a fresh UUID; and
 /// the same as the answer's header value, never indexed (see `never_indexed`).
 fn request_id(headers: &HeaderMap) -> (String, Option<HeaderValue>) {
-    let sane = headers.get(&X_REQUEST_ID).filter(|v| {
-        let v = v.as_bytes();
-        !v.is_empty() && v.len() <= 128 && v.iter().all(u8::is_ascii_graphic)
+    let callers = headers.get(&X_REQUEST_ID).and_then(|value| {
+        let id = value.to_str().ok()?;
+        let sane = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic());
+        sane.then(|| (id.to_owned(), Some(value.clone())))
     });
-    let (id, value) = match sane.and_then(|v| Some((v.to_str().ok()?, v))) {
-        Some((id, value)) => (id.to_owned(), Some(value.clone())),
-        None => {
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            let id: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-            (id.to_owned(), HeaderValue::from_bytes(id.as_bytes()).ok())
-        }
-    };
+    let (id, value) = callers.unwrap_or_else(|| {
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        (id.to_owned(), HeaderValue::from_bytes(id.as_bytes()).ok())
+    });
     (id, value.map(never_indexed))
 }
 
