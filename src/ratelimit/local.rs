@@ -112,13 +112,8 @@ mod tests {
         // 60 000 per minute: a bucket is full again 1 ms after its only request.
         let l = limiter(60_000);
         for i in 0..200_000u32 {
-            assert!(
-                l.check(
-                    Scope::General,
-                    &Subject::Ip(std::net::Ipv4Addr::from(i).into())
-                )
-                .allowed()
-            );
+            let address = Subject::Ip(std::net::Ipv4Addr::from(i).into());
+            assert!(l.check(Scope::General, &address).allowed());
         }
         assert_eq!(l.len(), 200_000);
         std::thread::sleep(Duration::from_millis(20));

@@ -72,3 +72,40 @@ impl AsyncWrite for Connection {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_carry_bytes_and_refuse_vectored_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut incoming = Box::pin(incoming(listener));
+        let mut client = TcpStream::connect(address).await.expect("connect");
+        let mut server = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+
+        assert!(!server.is_write_vectored(), "h2 would chain payloads again");
+        assert_eq!(
+            server.connect_info().remote_addr(),
+            Some(client.local_addr().expect("client address"))
+        );
+        assert!(server.0.nodelay().expect("nodelay"));
+
+        server.write_all(b"answer").await.expect("write");
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"answer");
+        client.write_all(b"call").await.expect("write");
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"call");
+    }
+}
